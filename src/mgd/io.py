@@ -1,0 +1,101 @@
+"""Safe, atomic file I/O: outputs are never half-written and user files are never unpickled."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from mgd.errors import UserError
+
+__all__ = ["atomic_write_bytes", "write_json", "write_npz", "load_npy", "load_npz"]
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see either the old file or the new one.
+
+    The bytes go to a temporary file in the same directory, are flushed to disk, and are
+    then renamed over ``path`` (rename is atomic on POSIX within one file system).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Atomically write ``obj`` as indented JSON."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def write_npz(path: str | os.PathLike, arrays: Mapping[str, np.ndarray]) -> None:
+    """Atomically write a compressed ``.npz`` holding plain numeric arrays."""
+    import io
+
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **{name: np.asarray(a) for name, a in arrays.items()})
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_npy(path: str | os.PathLike, *, what: str) -> np.ndarray:
+    """Load a numeric ``.npy`` file without ever unpickling it.
+
+    Args:
+        path: the file.
+        what: what the file is for, used in error messages (e.g. ``"--data-weights"``).
+
+    Raises:
+        UserError: the file is missing, not a ``.npy`` file, holds pickled objects or is not
+            numeric.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what}: file not found: {path}")
+    try:
+        array = np.load(path, allow_pickle=False)
+    except ValueError as exc:  # object arrays need pickle; we refuse them
+        raise UserError(
+            f"{what}: {path} holds Python objects (pickled data), which mgd never loads; "
+            "save a plain numeric array with numpy.save"
+        ) from exc
+    except Exception as exc:
+        raise UserError(f"{what}: {path} is not a readable .npy file ({exc})") from exc
+    if not isinstance(array, np.ndarray):
+        raise UserError(f"{what}: {path} is an .npz archive; give a single-array .npy file")
+    if not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_):
+        raise UserError(f"{what}: {path} has dtype {array.dtype}; expected a numeric array")
+    return array
+
+
+def load_npz(path: str | os.PathLike, *, what: str) -> dict[str, np.ndarray]:
+    """Load every array of an ``.npz`` archive without unpickling (see :func:`load_npy`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what}: file not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            if not hasattr(archive, "files"):
+                raise UserError(f"{what}: {path} is a single .npy array, not an .npz archive")
+            return {name: archive[name] for name in archive.files}
+    except UserError:
+        raise
+    except ValueError as exc:
+        raise UserError(
+            f"{what}: {path} holds Python objects (pickled data), which mgd never loads; "
+            "save plain numeric arrays with numpy.savez"
+        ) from exc
+    except Exception as exc:
+        raise UserError(f"{what}: {path} is not a readable .npz file ({exc})") from exc

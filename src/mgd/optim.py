@@ -1,0 +1,196 @@
+r"""Differentiable, out-of-place optimizers over a flat parameter vector.
+
+Each optimizer is a frozen dataclass with two pure methods, in the style of optax:
+
+* ``init(params) -> state``: the optimizer state, a tuple of tensors shaped like ``params``;
+* ``update(grad, params, state, *, step, lr, weight_decay) -> (params, state)``.
+
+Nothing is updated in place, so autograd can differentiate a step with respect to the
+parameters, the optimizer state, the learning rate and the weight decay, which is what the
+REPLAY reverse pass needs. ``lr`` and ``weight_decay`` may be Python floats or 0-dim tensors
+(metaparameters). ``step`` is the 0-based index of the step being taken.
+
+The formulas follow ``torch.optim`` (tests check parity over hundreds of steps in float64):
+
+SGD with momentum :math:`\mu`, coupled weight decay :math:`\lambda` (dampening 0):
+
+.. math::
+    \tilde g = g + \lambda\theta,\quad m' = \mu m + \tilde g,\quad
+    \theta' = \theta - \eta\,(\tilde g + \mu m' \text{ if Nesterov else } m').
+
+Adam / AdamW, with step count :math:`c = \text{step} + 1` and bias corrections computed in
+Python float64 (never as low-precision tensors):
+
+.. math::
+    m' = \beta_1 m + (1-\beta_1) g,\quad v' = \beta_2 v + (1-\beta_2) g^2,\\
+    \theta' = \theta - \frac{\eta}{1-\beta_1^c}\,
+        \frac{m'}{\sqrt{v'/(1-\beta_2^c) + \epsilon_\text{root}} + \epsilon}.
+
+Adam adds :math:`\lambda\theta` to :math:`g` (L2); AdamW first scales
+:math:`\theta \leftarrow (1-\eta\lambda)\theta` (decoupled).
+
+.. danger::
+   ``eps_root`` must be positive when differentiating *through* Adam. A coordinate whose
+   gradient has always been exactly zero (a weight fed by a constant input pixel) has
+   :math:`v' = 0`, and the derivative of :math:`\sqrt{v}` there is infinite; times a zero
+   adjoint it gives NaN, which then spreads to every metagradient entry. The default
+   ``eps_root = 1e-16`` puts a floor of 1e-8 (= ``eps``) under the square root, changing the
+   forward pass by well under ``eps``. With ``eps_root = 0`` the update equals
+   ``torch.optim.Adam`` bit for bit in formula (:math:`\sqrt{v'}/\sqrt{1-\beta_2^c} + \epsilon`).
+
+References:
+    Kingma & Ba, *Adam*, ICLR 2015; Loshchilov & Hutter, *Decoupled Weight Decay
+    Regularization*, ICLR 2019; optax's ``scale_by_adam`` (``eps_root``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Union
+
+import torch
+from torch import Tensor
+
+from mgd.errors import UserError
+
+__all__ = ["SGD", "Adam", "Optimizer", "make_optimizer", "OPTIMIZERS"]
+
+Scalar = Union[float, Tensor]
+
+
+def _is_zero(value: Scalar) -> bool:
+    # A Python 0.0 skips the term entirely, as torch.optim does; a tensor (a metaparameter,
+    # possibly zero) must stay in the graph so that its gradient exists.
+    return not isinstance(value, Tensor) and value == 0.0
+
+
+@dataclass(frozen=True)
+class SGD:
+    """Stochastic gradient descent with optional (Nesterov) momentum and coupled weight decay.
+
+    Args:
+        momentum: :math:`\\mu \\ge 0`; 0 means no momentum buffer.
+        nesterov: use Nesterov momentum (requires ``momentum > 0``).
+    """
+
+    momentum: float = 0.0
+    nesterov: bool = False
+
+    def __post_init__(self) -> None:
+        if self.momentum < 0:
+            raise UserError(f"momentum must be >= 0, got {self.momentum}")
+        if self.nesterov and self.momentum == 0:
+            raise UserError("Nesterov momentum needs momentum > 0 (e.g. --momentum 0.9)")
+
+    @property
+    def name(self) -> str:
+        return "sgd"
+
+    def init(self, params: Tensor) -> tuple[Tensor, ...]:
+        return (torch.zeros_like(params),) if self.momentum else ()
+
+    def update(
+        self,
+        grad: Tensor,
+        params: Tensor,
+        state: tuple[Tensor, ...],
+        *,
+        step: int,
+        lr: Scalar,
+        weight_decay: Scalar = 0.0,
+    ) -> tuple[Tensor, tuple[Tensor, ...]]:
+        del step  # SGD has no step-dependent term
+        if not _is_zero(weight_decay):
+            grad = grad + weight_decay * params
+        if not self.momentum:
+            return params - lr * grad, ()
+        (buf,) = state
+        buf = self.momentum * buf + grad
+        direction = grad + self.momentum * buf if self.nesterov else buf
+        return params - lr * direction, (buf,)
+
+
+@dataclass(frozen=True)
+class Adam:
+    """Adam (L2 weight decay) or, with ``decoupled=True``, AdamW.
+
+    Args:
+        beta1, beta2: moment decay rates in [0, 1).
+        eps: added to the square root of the second moment.
+        eps_root: added *inside* the square root; keep it positive when differentiating
+            through Adam (see the module docstring).
+        decoupled: AdamW's decoupled weight decay instead of Adam's L2 term.
+    """
+
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    eps_root: float = 1e-16
+    decoupled: bool = False
+
+    def __post_init__(self) -> None:
+        for label, beta in (("beta1", self.beta1), ("beta2", self.beta2)):
+            if not 0.0 <= beta < 1.0:
+                raise UserError(f"Adam {label} must be in [0, 1), got {beta}")
+        if self.eps < 0 or self.eps_root < 0:
+            raise UserError("Adam eps and eps_root must be >= 0")
+
+    @property
+    def name(self) -> str:
+        return "adamw" if self.decoupled else "adam"
+
+    def init(self, params: Tensor) -> tuple[Tensor, ...]:
+        return (torch.zeros_like(params), torch.zeros_like(params))
+
+    def update(
+        self,
+        grad: Tensor,
+        params: Tensor,
+        state: tuple[Tensor, ...],
+        *,
+        step: int,
+        lr: Scalar,
+        weight_decay: Scalar = 0.0,
+    ) -> tuple[Tensor, tuple[Tensor, ...]]:
+        exp_avg, exp_avg_sq = state
+        count = step + 1
+        # Python floats (float64) for the bias corrections, whatever the tensor dtype.
+        bias1 = 1.0 - self.beta1**count
+        bias2 = 1.0 - self.beta2**count
+        if not _is_zero(weight_decay):
+            if self.decoupled:
+                params = params * (1.0 - lr * weight_decay)
+            else:
+                grad = grad + weight_decay * params
+        exp_avg = torch.lerp(exp_avg, grad, 1.0 - self.beta1)  # the same rounding as torch.optim
+        exp_avg_sq = self.beta2 * exp_avg_sq + (1.0 - self.beta2) * (grad * grad)
+        # sqrt(v/b2 + eps_root) written as sqrt(v + eps_root*b2)/sqrt(b2): identical maths, and
+        # with eps_root = 0 exactly torch.optim's sqrt(v)/sqrt(b2).
+        if self.eps_root:
+            root = torch.sqrt(exp_avg_sq + self.eps_root * bias2)
+        else:
+            root = torch.sqrt(exp_avg_sq)
+        denom = root / math.sqrt(bias2) + self.eps
+        return params - (lr / bias1) * (exp_avg / denom), (exp_avg, exp_avg_sq)
+
+
+Optimizer = Union[SGD, Adam]
+OPTIMIZERS = ("sgd", "adam", "adamw")
+
+
+def make_optimizer(
+    name: str,
+    *,
+    momentum: float = 0.0,
+    nesterov: bool = False,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    eps_root: float = 1e-16,
+) -> Optimizer:
+    """Build an optimizer by name (``sgd``, ``adam`` or ``adamw``)."""
+    if name == "sgd":
+        return SGD(momentum=momentum, nesterov=nesterov)
+    if name in ("adam", "adamw"):
+        return Adam(betas[0], betas[1], eps, eps_root, decoupled=name == "adamw")
+    raise UserError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")

@@ -1,0 +1,446 @@
+r"""Exact metagradients through whole training runs: the REPLAY reverse pass.
+
+Training is ``s_{t+1} = h_t(s_t, z)``, ``t = 0..T-1``, and the objective is ``f(z) = φ(θ_T)``.
+The metagradient follows the reverse recursion (``method.md`` §1)
+
+.. math::
+    \bar a_T = \partial\phi/\partial s_T,\qquad
+    \bar z \mathrel{+}= (\partial h_t/\partial z)^\top \bar a_{t+1},\qquad
+    \bar a_t = (\partial h_t/\partial s_t)^\top \bar a_{t+1},\quad t = T-1, \dots, 0,
+
+which needs the states in exact reverse order. REPLAY regenerates them by re-running the
+(bit-deterministic) training from checkpoints on a lazy k-ary tree instead of storing all T:
+
+``visit(a, b, s_a)``: if ``b - a = 1``, run the VJP of step ``a``; otherwise split ``[a, b)``
+into ``m = min(k, b-a)`` contiguous children (the first ``(b-a) mod m`` one step longer),
+replay from ``s_a`` to the last child's start storing only the children's starts, then visit
+the children last to first, freeing each child's start when its subtree is done.
+
+The initial forward pass (needed anyway for ``s_T``) stores the root's children, which saves
+one tree level. With depth ``d = ⌈log_k T⌉`` at most ``(k-1)·d + 1`` checkpoints are alive
+and the reverse pass replays about ``(1 - 1/k)(d - 1)·T`` steps; ``k ≈ √T`` (the default) gives
+two levels: about ``2√T`` states and one extra training run. ``k ≥ T`` stores every state
+(step-wise AD, :func:`metagradient` with ``mode="unrolled"``), the reference the tests compare
+with bit for bit.
+
+The checkpoint *schedule* (:func:`schedule`, :class:`ReplayPlan`) is separate from the
+*mechanism* (:func:`metagradient`), so ``mgd estimate`` can count states and replays without
+training. The per-step VJP is a swappable function (:class:`StepVJP`); the default is
+double-backward (``create_graph=True``), ``method.md`` §3.1.
+
+.. danger::
+   REPLAY is exact only if every replayed step is bit-identical to the original. ``mgd``
+   fingerprints every state of the forward pass and every replayed state and raises
+   :class:`~mgd.errors.ReplayDivergedError` if any differ. Changing the thread count, device
+   or dtype between the forward pass and the replay, or a model that reads a global RNG,
+   breaks this.
+
+References:
+    Engstrom et al., *Optimizing ML Training with Metagradient Descent*, arXiv 2503.13751
+    (REPLAY); Griewank & Walther, *Evaluating Derivatives* (checkpointing).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterator, Mapping, Protocol, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from mgd.errors import ReplayDivergedError, UserError
+from mgd.training import Trainer, TrainState
+
+__all__ = [
+    "ReplayPlan",
+    "Forward",
+    "Replay",
+    "VJP",
+    "Free",
+    "schedule",
+    "default_k",
+    "StepVJP",
+    "double_backward_vjp",
+    "MetaGradient",
+    "ReplayTrace",
+    "metagradient",
+]
+
+MODES = ("replay", "unrolled")
+
+# --------------------------------------------------------------------------------- schedule
+
+
+@dataclass(frozen=True)
+class Forward:
+    """Train from ``s_0`` to ``s_T``, keeping checkpoints at ``store``."""
+
+    stop: int
+    store: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Replay:
+    """Regenerate states from checkpoint ``start`` up to ``stop``, keeping those at ``store``."""
+
+    start: int
+    stop: int
+    store: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class VJP:
+    """Pull the adjoint back through step ``step`` (reads checkpoint ``s_step``)."""
+
+    step: int
+
+
+@dataclass(frozen=True)
+class Free:
+    """Drop checkpoint ``s_step``."""
+
+    step: int
+
+
+Op = Union[Forward, Replay, VJP, Free]
+
+
+def default_k(steps: int) -> int:
+    """``⌈√T⌉`` (at least 2): a two-level tree, about ``2√T`` states, one extra training run."""
+    return max(2, math.isqrt(steps - 1) + 1) if steps > 1 else 2
+
+
+def _split(a: int, b: int, k: int) -> list[int]:
+    """Boundaries ``a = c_0 < ... < c_m = b`` of ``m = min(k, b-a)`` near-equal children.
+
+    The first ``(b - a) mod m`` children get one extra step, so the rule is deterministic and
+    tests can assert the exact order of replays.
+    """
+    m = min(k, b - a)
+    base, extra = divmod(b - a, m)
+    bounds = [a]
+    for j in range(m):
+        bounds.append(bounds[-1] + base + (1 if j < extra else 0))
+    return bounds
+
+
+def schedule(steps: int, k: int) -> Iterator[Op]:
+    """The REPLAY traversal as a sequence of operations (no tensors involved).
+
+    For ``T = 8, k = 2`` it is: ``Forward(8, store=(4,))``; ``Replay(4, 6, (6,))``;
+    ``Replay(6, 7, (7,))``; VJP 7; VJP 6; ... ; VJP 0, i.e. VJPs in order ``T-1 .. 0``.
+    """
+    if steps < 1:
+        raise UserError(f"steps must be >= 1, got {steps}")
+    if k < 2:
+        raise UserError(f"the replay tree's branching factor k must be >= 2, got {k}")
+
+    def visit(a: int, b: int) -> Iterator[Op]:
+        if b - a == 1:
+            yield VJP(a)
+            return
+        bounds = _split(a, b, k)
+        yield Replay(a, bounds[-2], tuple(bounds[1:-1]))
+        yield from children(bounds)
+
+    def children(bounds: list[int]) -> Iterator[Op]:
+        for j in reversed(range(len(bounds) - 1)):
+            yield from visit(bounds[j], bounds[j + 1])
+            if j > 0:
+                yield Free(bounds[j])
+
+    root = _split(0, steps, k)
+    yield Forward(steps, tuple(root[1:-1]))
+    yield from children(root)
+    yield Free(0)
+
+
+@dataclass(frozen=True)
+class ReplayPlan:
+    """What a REPLAY reverse pass will do, counted by walking :func:`schedule`.
+
+    Attributes:
+        steps: T.
+        k: branching factor (``k >= T`` stores every state).
+        depth: tree levels ``⌈log_k T⌉``.
+        max_live_checkpoints: peak number of stored states (``s_0`` included).
+        forward_steps: steps of the initial forward pass (T).
+        replayed_steps: steps re-run during the reverse pass.
+        extra_passes: ``replayed_steps / T``.
+    """
+
+    steps: int
+    k: int
+    depth: int
+    max_live_checkpoints: int
+    forward_steps: int
+    replayed_steps: int
+    extra_passes: float
+
+    @classmethod
+    def build(cls, steps: int, k: int | None = None) -> "ReplayPlan":
+        k = default_k(steps) if k is None else int(k)
+        live, peak, replayed, depth = 0, 0, 0, 0
+        for op in schedule(steps, k):
+            if isinstance(op, Forward):
+                live = 1 + len(op.store)
+            elif isinstance(op, Replay):
+                live += len(op.store)
+                replayed += op.stop - op.start
+            elif isinstance(op, Free):
+                live -= 1
+            peak = max(peak, live)
+        depth = 0
+        while k**depth < steps:
+            depth += 1
+        return cls(steps, k, depth, peak, steps, replayed, replayed / steps)
+
+    def memory_bytes(self, state_bytes: int) -> int:
+        """Checkpoint memory plus the adjoint (one state) and the final state."""
+        return (self.max_live_checkpoints + 2) * state_bytes
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------------- per-step VJP
+
+
+class StepVJP(Protocol):
+    """``(ā_t, local z̄) = VJP of step t at (s_t, z) applied to ā_{t+1}``.
+
+    Args:
+        trainer: the run.
+        state: ``s_t`` (detached).
+        local: each metaparameter's slice for step ``t`` (detached).
+        wrt: names of the metaparameters whose gradient is needed.
+        adjoint: ``ā_{t+1}``, one tensor per state tensor.
+
+    Returns:
+        ``ā_t`` (one tensor per state tensor) and the gradient of each ``wrt`` slice.
+    """
+
+    def __call__(
+        self,
+        trainer: Trainer,
+        state: TrainState,
+        local: Mapping[str, Tensor],
+        wrt: Sequence[str],
+        adjoint: tuple[Tensor, ...],
+    ) -> tuple[tuple[Tensor, ...], dict[str, Tensor]]: ...
+
+
+def double_backward_vjp(
+    trainer: Trainer,
+    state: TrainState,
+    local: Mapping[str, Tensor],
+    wrt: Sequence[str],
+    adjoint: tuple[Tensor, ...],
+) -> tuple[tuple[Tensor, ...], dict[str, Tensor]]:
+    """The oracle VJP: re-run the step with a graph and differentiate it (``method.md`` §3.1)."""
+    with torch.enable_grad():
+        inputs = tuple(t.detach().requires_grad_(True) for t in state.tensors())
+        local = {
+            name: (value.detach().requires_grad_(True) if name in wrt else value.detach())
+            for name, value in local.items()
+        }
+        outputs = trainer.differentiable_step(inputs, state.step, local)
+        targets = (*inputs, *(local[name] for name in wrt))
+        grads = torch.autograd.grad(outputs, targets, adjoint, allow_unused=True)
+    grads = tuple(torch.zeros_like(x) if g is None else g for g, x in zip(grads, targets))
+    n = len(inputs)
+    return grads[:n], dict(zip(wrt, grads[n:]))
+
+
+# --------------------------------------------------------------------------------- engine
+
+
+@dataclass
+class ReplayTrace:
+    """Instrumentation for tests and diagnostics (costs nothing when not passed).
+
+    Attributes:
+        events: ``("forward"|"replay"|"vjp", step)`` in execution order; for forward and
+            replay, ``step`` is the index of the state just produced.
+        live_checkpoints: number of stored states after each change.
+        keep_states: also keep a copy of every state produced by a replay, keyed by step
+            (a list per step, one entry per regeneration).
+    """
+
+    keep_states: bool = False
+    events: list[tuple[str, int]] = field(default_factory=list)
+    live_checkpoints: list[int] = field(default_factory=list)
+    replayed_states: dict[int, list[TrainState]] = field(default_factory=dict)
+    forward_states: dict[int, TrainState] = field(default_factory=dict)
+
+    @property
+    def max_live_checkpoints(self) -> int:
+        return max(self.live_checkpoints, default=0)
+
+
+@dataclass
+class MetaGradient:
+    """Result of :func:`metagradient`.
+
+    Attributes:
+        value: ``f(z) = φ(θ_T)``.
+        grads: ``∂f/∂z`` for each requested metaparameter, shaped like its value.
+        final_state: ``s_T``.
+        plan: the replay plan that was executed.
+        timings: seconds spent in the forward pass and the reverse pass.
+    """
+
+    value: float
+    grads: dict[str, Tensor]
+    final_state: TrainState
+    plan: ReplayPlan
+    timings: dict[str, float]
+
+
+def _fingerprint(state: TrainState) -> Tensor:
+    """An exact checksum of a state's bits: integer sums of the raw bit patterns.
+
+    Any single-bit change alters it; it stays on the device (no synchronisation per step).
+    """
+    sums = [t.detach().reshape(-1).view(torch.int32).sum(dtype=torch.int64) for t in state.tensors()]
+    return torch.stack(sums)
+
+
+def metagradient(
+    trainer: Trainer,
+    objective: Callable[[Mapping[str, Tensor]], Tensor],
+    meta: Mapping[str, Tensor] | None = None,
+    *,
+    wrt: Sequence[str] | None = None,
+    mode: str = "replay",
+    k: int | None = None,
+    vjp: StepVJP = double_backward_vjp,
+    trace: ReplayTrace | None = None,
+    progress: Callable[[str, int], None] | None = None,
+) -> MetaGradient:
+    """The exact gradient of ``objective(θ_T)`` with respect to metaparameters.
+
+    Args:
+        trainer: the training run.
+        objective: ``φ``, a differentiable scalar function of the final parameters, given as a
+            name → tensor dict (see :func:`mgd.training.cross_entropy_objective`).
+        meta: metaparameter values (missing kinds take their neutral default).
+        wrt: which metaparameters to differentiate (default: all kinds of the run).
+        mode: ``"replay"`` (lazy k-ary tree) or ``"unrolled"`` (store every state).
+        k: branching factor for ``"replay"`` (default ``⌈√T⌉``); ``k >= T`` stores everything.
+        vjp: the per-step VJP (default: double-backward).
+        trace: optional :class:`ReplayTrace` to record events and live checkpoints.
+        progress: optional callback ``(phase, steps_done)`` for progress bars.
+
+    Returns:
+        A :class:`MetaGradient`.
+
+    Raises:
+        UserError: bad ``mode``, ``k`` or metaparameter values.
+        ReplayDivergedError: a replayed state differs from the forward pass.
+    """
+    if mode not in MODES:
+        raise UserError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    if k is not None and k < 2:
+        raise UserError(f"the replay tree's branching factor k must be >= 2, got {k}")
+    T = trainer.steps
+    plan = ReplayPlan.build(T, T if mode == "unrolled" else k)
+    values = trainer.check_meta(meta or {})
+    wrt = list(values) if wrt is None else list(wrt)
+    missing = [name for name in wrt if name not in values]
+    if missing:
+        raise UserError(
+            f"cannot differentiate {', '.join(missing)}: not a metaparameter of this run "
+            f"(it has {', '.join(values) or 'none'})"
+        )
+
+    s0 = trainer.init_state()
+    checkpoints: dict[int, TrainState] = {}
+    forward_fp = torch.zeros(T + 1, len(s0.tensors()), dtype=torch.int64, device=trainer.device)
+    diverged = torch.zeros(T + 1, dtype=torch.bool, device=trainer.device)
+
+    def note_live() -> None:
+        if trace is not None:
+            trace.live_checkpoints.append(len(checkpoints))
+
+    def run_forward(start: TrainState, stop: int, store: tuple[int, ...], phase: str) -> TrainState:
+        keep = set(store)
+        state = start
+        while state.step < stop:
+            state = trainer.step(state, values)
+            t = state.step
+            fp = _fingerprint(state)
+            if phase == "forward":
+                forward_fp[t] = fp
+            else:
+                diverged[t] |= (fp != forward_fp[t]).any()
+            if trace is not None:
+                trace.events.append((phase, t))
+                if trace.keep_states:
+                    if phase == "forward":
+                        trace.forward_states[t] = state.detached()
+                    else:
+                        trace.replayed_states.setdefault(t, []).append(state.detached())
+            if t in keep:
+                # Steps are out-of-place, so the state object is never written again and
+                # can be stored without a copy.
+                checkpoints[t] = state
+                note_live()
+            if progress is not None:
+                progress(phase, 1)
+        return state
+
+    # ---- forward pass: s_0 -> s_T, storing the root's children
+    started = time.perf_counter()
+    ops = schedule(T, plan.k)
+    first = next(ops)
+    assert isinstance(first, Forward), "schedule must start with the forward pass (please report)"
+    forward_fp[0] = _fingerprint(s0)
+    checkpoints[0] = s0
+    note_live()
+    final = run_forward(s0, T, first.store, "forward")
+    with torch.enable_grad():
+        theta = final.params.detach().requires_grad_(True)
+        value = objective(trainer.unflatten(theta))
+        (theta_bar,) = torch.autograd.grad(value, theta)
+    adjoint = (theta_bar, *(torch.zeros_like(t) for t in final.opt_state))
+    forward_seconds = time.perf_counter() - started
+
+    # ---- reverse pass
+    started = time.perf_counter()
+    grads = {name: torch.zeros_like(values[name]) for name in wrt}
+    for op in ops:
+        if isinstance(op, Replay):
+            run_forward(checkpoints[op.start], op.stop, op.store, "replay")
+        elif isinstance(op, VJP):
+            state = checkpoints[op.step]
+            local = trainer.local_meta(values, op.step)
+            adjoint, local_grads = vjp(trainer, state, local, wrt, adjoint)
+            index = trainer.batch_indices(op.step)
+            for name in wrt:
+                trainer.metaparams[name].accumulate(grads[name], local_grads[name], op.step, index)
+            if trace is not None:
+                trace.events.append(("vjp", op.step))
+            if progress is not None:
+                progress("reverse", 1)
+        elif isinstance(op, Free):
+            del checkpoints[op.step]
+            note_live()
+    reverse_seconds = time.perf_counter() - started
+
+    if bool(diverged.any()):
+        first_bad = int(diverged.nonzero()[0, 0])
+        raise ReplayDivergedError(
+            f"replayed state s_{first_bad} differs from the forward pass: training is not "
+            "bit-deterministic here (thread count, device, dtype or a global RNG changed); "
+            "the metagradient would be wrong, so none is returned"
+        )
+    return MetaGradient(
+        value=float(value.detach()),
+        grads=grads,
+        final_state=final,
+        plan=plan,
+        timings={"forward_s": forward_seconds, "reverse_s": reverse_seconds},
+    )
