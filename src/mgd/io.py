@@ -50,6 +50,25 @@ def write_npz(path: str | os.PathLike, arrays: Mapping[str, np.ndarray]) -> None
     atomic_write_bytes(path, buffer.getvalue())
 
 
+_NPY_MAGIC = b"\x93NUMPY"
+_ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
+
+
+def _file_kind(path: Path) -> str:
+    """``"npy"``, ``"npz"`` or ``"other"``, from the file's first bytes.
+
+    ``np.load`` takes any file without the ``.npy`` or zip magic for a pickle, so a CSV would
+    be reported as "pickled data"; looking first gives the user the right message.
+    """
+    with open(path, "rb") as handle:
+        magic = handle.read(6)
+    if magic.startswith(_NPY_MAGIC):
+        return "npy"
+    if magic.startswith(_ZIP_MAGICS):
+        return "npz"
+    return "other"
+
+
 def load_npy(path: str | os.PathLike, *, what: str) -> np.ndarray:
     """Load a numeric ``.npy`` file without ever unpickling it.
 
@@ -64,6 +83,11 @@ def load_npy(path: str | os.PathLike, *, what: str) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{what}: file not found: {path}")
+    kind = _file_kind(path)
+    if kind == "npz":
+        raise UserError(f"{what}: {path} is an .npz archive; give a single-array .npy file")
+    if kind != "npy":
+        raise UserError(f"{what}: {path} is not a .npy file; save the array with numpy.save")
     try:
         array = np.load(path, allow_pickle=False)
     except ValueError as exc:  # object arrays need pickle; we refuse them
@@ -73,8 +97,6 @@ def load_npy(path: str | os.PathLike, *, what: str) -> np.ndarray:
         ) from exc
     except Exception as exc:
         raise UserError(f"{what}: {path} is not a readable .npy file ({exc})") from exc
-    if not isinstance(array, np.ndarray):
-        raise UserError(f"{what}: {path} is an .npz archive; give a single-array .npy file")
     if not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_):
         raise UserError(f"{what}: {path} has dtype {array.dtype}; expected a numeric array")
     return array
@@ -85,13 +107,20 @@ def load_npz(path: str | os.PathLike, *, what: str) -> dict[str, np.ndarray]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{what}: file not found: {path}")
+    kind = _file_kind(path)
+    if kind == "npy":
+        raise UserError(
+            f"{what}: {path} is a single .npy array, not an .npz archive; save the arrays "
+            "together with numpy.savez"
+        )
+    if kind != "npz":
+        raise UserError(
+            f"{what}: {path} is not an .npz archive (a zip of .npy arrays); save the arrays "
+            "with numpy.savez"
+        )
     try:
         with np.load(path, allow_pickle=False) as archive:
-            if not hasattr(archive, "files"):
-                raise UserError(f"{what}: {path} is a single .npy array, not an .npz archive")
             return {name: archive[name] for name in archive.files}
-    except UserError:
-        raise
     except ValueError as exc:
         raise UserError(
             f"{what}: {path} holds Python objects (pickled data), which mgd never loads; "
