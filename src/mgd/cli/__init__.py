@@ -1,0 +1,1 @@
+"""The ``mgd`` command line: a parser per subcommand and a dispatcher, nothing else."""

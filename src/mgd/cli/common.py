@@ -1,0 +1,135 @@
+"""Flags shared by the subcommands, and turning them into a :class:`~mgd.config.RunConfig`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+
+from mgd.config import DTYPES, RunConfig
+from mgd.errors import UserError
+from mgd.models import ACTIVATIONS, MODELS
+from mgd.optim import OPTIMIZERS
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0:  # also rejects NaN
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = non_negative_float(text)
+    if value == 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
+    return value
+
+
+def add_run_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags that define a training run (one per :class:`RunConfig` field)."""
+    defaults = RunConfig()
+    g = parser.add_argument_group("training run")
+    g.add_argument("--dataset", default=defaults.dataset,
+                   help="digits, mnist1d, or a path to an .npz with x_train, y_train, x_val, y_val, "
+                        "x_test, y_test (default: %(default)s)")
+    g.add_argument("--model", choices=MODELS, default=defaults.model, help="model preset (default: %(default)s)")
+    g.add_argument("--width", type=positive_int, help="hidden width / channels (default: 128 MLP, 32 CNN)")
+    g.add_argument("--depth", type=int, default=defaults.depth, help="MLP hidden layers (default: %(default)s)")
+    g.add_argument("--activation", choices=sorted(ACTIVATIONS), help="default: tanh (MLP), relu (CNN)")
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default=defaults.optimizer, help="(default: %(default)s)")
+    g.add_argument("--lr", type=positive_float, help="base learning rate (default: 0.05 SGD, 1e-3 Adam/AdamW)")
+    g.add_argument("--momentum", type=non_negative_float, default=defaults.momentum,
+                   help="SGD momentum (default: %(default)s)")
+    g.add_argument("--nesterov", action="store_true", help="SGD with Nesterov momentum")
+    g.add_argument("--weight-decay", type=non_negative_float, default=defaults.weight_decay,
+                   help="weight decay: coupled for SGD and Adam, decoupled for AdamW (default: %(default)s)")
+    g.add_argument("--eps-root", type=non_negative_float, default=defaults.eps_root,
+                   help="Adam epsilon inside the square root; keep > 0 to differentiate through Adam "
+                        "(default: %(default)s)")
+    g.add_argument("--steps", type=positive_int, default=defaults.steps, help="training steps T (default: %(default)s)")
+    g.add_argument("--batch-size", type=positive_int, default=defaults.batch_size, help="(default: %(default)s)")
+    g.add_argument("--seed", type=int, default=defaults.seed, help="initialisation and batch-order seed (default: %(default)s)")
+    g.add_argument("--dtype", choices=sorted(DTYPES), default=defaults.dtype, help="(default: %(default)s)")
+    g.add_argument("--device", default=defaults.device, help="cpu, cuda, cuda:N or auto (default: %(default)s)")
+    g.add_argument("--threads", type=positive_int, default=1,
+                   help="torch CPU threads; replays and reruns must use the same value (default: %(default)s)")
+    m = parser.add_argument_group("metaparameter values (.npy files; default: neutral values)")
+    m.add_argument("--lr-multipliers", metavar="FILE.npy", help="per-step LR multipliers, length --steps (default: ones)")
+    m.add_argument("--lr-knots", metavar="FILE.npy", help="log-LR multiplier knots (default: --num-knots zeros)")
+    m.add_argument("--num-knots", type=positive_int, default=defaults.num_knots,
+                   help="number of log-LR knots (default: %(default)s)")
+    m.add_argument("--data-weights", metavar="FILE.npy", help="per-example loss weights, one per training example (default: ones)")
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    values = {name: getattr(args, name) for name in RunConfig.field_names() if hasattr(args, name)}
+    if getattr(args, "depth", 0) is not None and args.depth < 0:
+        raise UserError(f"--depth must be >= 0, got {args.depth}")
+    return RunConfig(**values).resolved()
+
+
+def meta_files(args: argparse.Namespace) -> dict[str, str | None]:
+    """Metaparameter name → file given on the command line (or ``None``)."""
+    return {"lr": args.lr_multipliers, "lr_knots": args.lr_knots, "data_weights": args.data_weights}
+
+
+def configure_torch(args: argparse.Namespace) -> None:
+    """Fix what bit-exact replay depends on: thread counts and, on GPUs, deterministic kernels."""
+    torch.set_num_threads(args.threads)
+    if args.device != "cpu":
+        # Must be set before CUDA initialises (cuBLAS reads it once).
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+
+
+def add_output_flags(parser: argparse.ArgumentParser, default_out: str) -> None:
+    parser.add_argument("--out", default=default_out, help="output directory (default: %(default)s)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or summary")
+
+
+@contextmanager
+def progress_bars(total: dict[str, int], *, enabled: bool) -> Iterator:
+    """Yield a ``progress(phase, n)`` callback drawing one tqdm bar per phase on stderr.
+
+    Bars appear only on a terminal (never in logs or CI) and not with ``--quiet``.
+    """
+    if not enabled or not sys.stderr.isatty():
+        yield None
+        return
+    from tqdm import tqdm
+
+    bars: dict[str, tqdm] = {}
+
+    def progress(phase: str, n: int) -> None:
+        bar = bars.get(phase)
+        if bar is None:
+            bar = bars[phase] = tqdm(total=total.get(phase), desc=phase, unit="step", leave=False)
+        bar.update(n)
+
+    try:
+        yield progress
+    finally:
+        for bar in bars.values():
+            bar.close()
