@@ -1,0 +1,83 @@
+"""The re-implemented optimizers match torch.optim over hundreds of steps (float64)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import mgd
+
+STEPS = 300
+
+CASES = [
+    ("sgd", dict(momentum=0.0), dict(momentum=0.0), 0.0),
+    ("sgd", dict(momentum=0.9), dict(momentum=0.9), 0.0),
+    ("sgd", dict(momentum=0.9), dict(momentum=0.9), 1e-2),
+    ("sgd", dict(momentum=0.9, nesterov=True), dict(momentum=0.9, nesterov=True), 1e-2),
+    ("adam", dict(eps_root=0.0), dict(), 0.0),
+    ("adam", dict(eps_root=0.0), dict(), 1e-2),
+    ("adam", dict(beta1=0.5, beta2=0.9, eps=1e-6, eps_root=0.0), dict(betas=(0.5, 0.9), eps=1e-6), 0.0),
+    ("adamw", dict(eps_root=0.0, decoupled=True), dict(), 1e-1),
+]
+
+
+def _ours(kind, options):
+    return mgd.SGD(**options) if kind == "sgd" else mgd.Adam(**options)
+
+
+def _torch(kind, params, lr, wd, options):
+    cls = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[kind]
+    return cls(params, lr=lr, weight_decay=wd, foreach=False, **options)
+
+
+@pytest.mark.parametrize("kind,ours,theirs,wd", CASES)
+def test_training_matches_torch_optim(digits, kind, ours, theirs, wd):
+    dtype = torch.float64
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10)).to(dtype)
+    reference = copy.deepcopy(model)
+    x = torch.as_tensor(digits.x_train[:400], dtype=dtype)
+    y = torch.as_tensor(digits.y_train[:400])
+    lr = 0.05 if kind == "sgd" else 3e-3
+    trainer = mgd.Trainer(model, _ours(kind, ours), x, y, steps=STEPS, batch_size=50, lr=lr, weight_decay=wd)
+    final = trainer.run()
+
+    optimizer = _torch(kind, reference.parameters(), lr, wd, theirs)
+    for t in range(STEPS):
+        index = trainer.batch_indices(t)
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(reference(x[index]), y[index]).backward()
+        optimizer.step()
+    expected = torch.cat([p.detach().reshape(-1) for p in reference.parameters()])
+    moved = (expected - trainer.flat_params()).norm()
+    assert moved > 1e-2  # the run really trained
+    assert torch.allclose(final.params, expected, rtol=1e-10, atol=1e-12), (
+        (final.params - expected).abs().max().item()
+    )
+
+
+def test_eps_root_changes_forward_by_less_than_eps():
+    """The default eps_root is forward-neutral at the level of Adam's eps."""
+    torch.manual_seed(0)
+    params = torch.randn(1000, dtype=torch.float64)
+    grads = [torch.randn(1000, dtype=torch.float64) * 10.0 ** torch.randint(-6, 1, (1000,)) for _ in range(20)]
+    a, b = mgd.Adam(eps_root=0.0), mgd.Adam()
+    pa, sa, pb, sb = params, a.init(params), params, b.init(params)
+    for t, g in enumerate(grads):
+        pa, sa = a.update(g, pa, sa, step=t, lr=1e-3)
+        pb, sb = b.update(g, pb, sb, step=t, lr=1e-3)
+    assert 0 < (pa - pb).abs().max() < 1e-3 * 20 * 1e-2
+
+
+@pytest.mark.parametrize("bad", [dict(beta1=1.0), dict(beta2=-0.1), dict(eps=-1.0), dict(eps_root=-1e-9)])
+def test_adam_rejects_bad_hyperparameters(bad):
+    with pytest.raises(mgd.UserError):
+        mgd.Adam(**bad)
+
+
+def test_sgd_rejects_nesterov_without_momentum():
+    with pytest.raises(mgd.UserError, match="Nesterov"):
+        mgd.SGD(momentum=0.0, nesterov=True)
