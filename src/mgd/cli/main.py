@@ -17,8 +17,15 @@ from mgd.errors import ReplayDivergedError, UserError
 SUBCOMMANDS = (train, grad, estimate)
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argparse parser whose errors are one line (usage stays available with --help)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="mgd",
         description="Exact metagradients through whole training runs (REPLAY), "
         "and metagradient descent.",
@@ -32,7 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a one-line usage error
+        return int(exc.code or 0)
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
