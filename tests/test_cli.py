@@ -167,3 +167,23 @@ def test_bad_input_in_a_real_process_has_no_traceback(tmp_path):
     result = run_cli("grad", "--data-weights", str(tmp_path / "objects.npy"), "--out", str(tmp_path / "o"))
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_grad_on_mnist1d_with_the_cnn_preset(tmp_path, monkeypatch):
+    monkeypatch.setenv("MGD_CACHE_DIR", str(tmp_path / "cache"))
+    argv = ["grad", "--dataset", "mnist1d", "--model", "cnn", "--width", "4", "--steps", "6",
+            "--batch-size", "64", "--optimizer", "adamw", "--weight-decay", "0.01",
+            "--meta", "weight_decay,lr_knots", "--quiet", "--out", str(tmp_path / "g")]
+    assert main(argv) == 0
+    result = json.loads((tmp_path / "g" / "result.json").read_text())
+    assert result["dataset"]["num_train"] == 4000 and result["config"]["model"] == "cnn"
+    with np.load(tmp_path / "g" / "metagrad.npz") as grads:
+        assert grads["weight_decay"].shape == () and np.isfinite(grads["lr_knots"]).all()
+
+
+def test_npz_dataset_round_trip(tmp_path):
+    path = _npz(tmp_path / "mine.npz")
+    assert main(["train", "--dataset", path, "--steps", "5", "--batch-size", "10", "--quiet",
+                 "--out", str(tmp_path / "t")]) == 0
+    result = json.loads((tmp_path / "t" / "result.json").read_text())
+    assert result["dataset"]["num_classes"] == 3 and result["config"]["dataset"] == path
