@@ -59,8 +59,8 @@ def test_training_matches_torch_optim(digits, kind, ours, theirs, wd):
     )
 
 
-def test_eps_root_changes_forward_by_less_than_eps():
-    """The default eps_root is forward-neutral at the level of Adam's eps."""
+def test_default_eps_root_barely_changes_the_forward_pass():
+    """eps_root = 1e-16 moves Adam's trajectory by well under 1% of how far it travels."""
     torch.manual_seed(0)
     params = torch.randn(1000, dtype=torch.float64)
     grads = [torch.randn(1000, dtype=torch.float64) * 10.0 ** torch.randint(-6, 1, (1000,)) for _ in range(20)]
@@ -69,7 +69,8 @@ def test_eps_root_changes_forward_by_less_than_eps():
     for t, g in enumerate(grads):
         pa, sa = a.update(g, pa, sa, step=t, lr=1e-3)
         pb, sb = b.update(g, pb, sb, step=t, lr=1e-3)
-    assert 0 < (pa - pb).abs().max() < 1e-3 * 20 * 1e-2
+    travelled = (pa - params).norm()
+    assert 0 < (pa - pb).norm() < 1e-2 * travelled
 
 
 @pytest.mark.parametrize("bad", [dict(beta1=1.0), dict(beta2=-0.1), dict(eps=-1.0), dict(eps_root=-1e-9)])
