@@ -224,7 +224,7 @@ def time_task(optimizer: str, steps: int, method: str) -> dict[str, Any]:
     # Sanity numbers (not timed): both trainings should reach about the same validation loss,
     # and all methods should report about the same gradient norms.
     with torch.no_grad():
-        ours_loss = float(objective(trainer.unflatten(final.params)))
+        ours_loss = float(objective(trainer.named_tensors(final.params, final.buffers)))
         torch_loss = float(objective(dict(model.named_parameters())))
 
     def mb(m: Any) -> float | None:

@@ -7,6 +7,7 @@ training runs. Everything numeric is float64.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import replace
 
@@ -262,7 +263,78 @@ def test_bad_metaparameter_values_are_user_errors(digits):
         mgd.metagradient(trainer, objective, {"temperature": torch.ones(1)})
 
 
-def test_model_with_buffers_is_refused(digits):
-    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.BatchNorm1d(8), nn.Linear(8, 10))
-    with pytest.raises(mgd.UserError, match="buffers"):
+class _Scaled(nn.Module):
+    """A module with a non-BatchNorm buffer, which the core refuses."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("scale", torch.ones(1))
+
+    def forward(self, x):
+        return x * self.scale
+
+
+def test_model_with_other_buffers_is_refused(digits):
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 8), _Scaled(), nn.Linear(8, 10))
+    with pytest.raises(mgd.UserError, match="BatchNorm"):
         tiny_problem(digits, mgd.SGD(), model=model)
+
+
+# ------------------------------------------------------------------------------- BatchNorm
+
+
+def _bn_model(momentum=0.1, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(64, 16), nn.BatchNorm1d(16, momentum=momentum), nn.Tanh(), nn.Linear(16, 10)
+    )
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_batchnorm_running_statistics_match_pytorch(digits, momentum):
+    """Our out-of-place running-statistic update equals nn.BatchNorm's own, over 50 steps."""
+    model = _bn_model(momentum).double()
+    reference = copy.deepcopy(model)
+    before = [b.clone() for b in model.buffers()]
+    trainer, _ = tiny_problem(digits, mgd.SGD(momentum=0.9), steps=50, model=model, metaparams=())
+    final = trainer.run()
+    optimizer = torch.optim.SGD(reference.parameters(), lr=0.05, momentum=0.9)
+    for t in range(50):
+        index = trainer.batch_indices(t)
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(reference(trainer.x_train[index]), trainer.y_train[index]).backward()
+        optimizer.step()
+    expected = torch.cat([b.reshape(-1) for b in reference.buffers() if b.is_floating_point()])
+    assert torch.allclose(final.buffers, expected, rtol=1e-10, atol=1e-12)
+    assert not torch.allclose(final.buffers, trainer.flat_buffers())  # they did move
+    # the module's own buffers are never written by the trainer
+    for a, b in zip(before, model.buffers()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", ["sgd-momentum", "adam"])
+def test_batchnorm_metagradients_are_exact(digits, name):
+    make, lr = OPTIMIZERS[name]
+    trainer, objective = tiny_problem(digits, make(), steps=14, lr=lr, weight_decay=1e-2, model=_bn_model())
+    # the eval-mode objective reads the running statistics: the adjoint must flow through them
+    state = trainer.run()
+    buffers = state.buffers.detach().requires_grad_(True)
+    (buffers_bar,) = torch.autograd.grad(objective(trainer.named_tensors(state.params, buffers)), buffers)
+    assert buffers_bar.abs().max() > 0
+
+    unrolled = mgd.metagradient(trainer, objective, mode="unrolled")
+    _, reference = full_unroll_metagradient(trainer, objective)
+    for k in (2, 3):
+        result = mgd.metagradient(trainer, objective, k=k)
+        for meta in META:
+            assert torch.equal(result.grads[meta], unrolled.grads[meta])
+            assert relative_error(result.grads[meta], reference[meta]) <= 1e-8, meta
+    values = trainer.default_meta()
+    for meta in ("lr", "data_weights"):
+        d = _unit_direction(values[meta], 7)
+        exact = float((unrolled.grads[meta] * d).sum())
+        errors = [
+            abs(directional_finite_difference(trainer, objective, values, {meta: d}, h) - exact) / abs(exact)
+            for h in (1e-4, 1e-5, 1e-6)
+        ]
+        assert min(errors) <= 1e-6, (meta, errors)

@@ -42,7 +42,7 @@ def full_unroll_metagradient(
         tensors = tuple(t.detach().clone().requires_grad_(True) for t in state.tensors())
         for t in range(trainer.steps):
             tensors = trainer.differentiable_step(tensors, t, trainer.local_meta(leaves, t))
-        value = objective(trainer.unflatten(tensors[0]))
+        value = objective(trainer.named_tensors(tensors[0], tensors[-1]))
         grads = torch.autograd.grad(value, [leaves[name] for name in wrt], allow_unused=True)
     return float(value.detach()), {
         name: (torch.zeros_like(leaves[name]) if g is None else g.detach())
@@ -58,7 +58,7 @@ def train_and_evaluate(
     """``f(z)``: train from scratch with metaparameters ``meta`` and evaluate ``φ(θ_T)``."""
     final = trainer.run(meta)
     with torch.no_grad():
-        return float(objective(trainer.unflatten(final.params)))
+        return float(objective(trainer.named_tensors(final.params, final.buffers)))
 
 
 def directional_finite_difference(

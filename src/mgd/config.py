@@ -23,7 +23,7 @@ from mgd.io import load_npy
 from mgd.metaparams import LRKnots, resolve_metaparams
 from mgd.models import build_model
 from mgd.optim import make_optimizer
-from mgd.training import Trainer, accuracy, cross_entropy_objective
+from mgd.training import Trainer, TrainState, accuracy, cross_entropy_objective
 
 __all__ = ["RunConfig", "Problem", "build_problem", "DTYPES", "DEFAULT_LR"]
 
@@ -95,8 +95,8 @@ class Problem:
         return cross_entropy_objective(self.model, self.x_val, self.y_val)
 
     @torch.no_grad()
-    def evaluate(self, flat_params: Tensor) -> dict[str, float]:
-        """Losses and accuracies of flat parameters on every split."""
+    def evaluate(self, state: TrainState) -> dict[str, float]:
+        """Losses and accuracies of a training state on every split (eval mode)."""
         tr = self.trainer
         out = {}
         for split, x, y in (
@@ -104,9 +104,9 @@ class Problem:
             ("val", self.x_val, self.y_val),
             ("test", self.x_test, self.y_test),
         ):
-            logits = tr.forward(flat_params, x)
+            logits = tr.predict(state.params, state.buffers, x)
             out[f"{split}_loss"] = float(torch.nn.functional.cross_entropy(logits.double(), y))
-            out[f"{split}_accuracy"] = accuracy(tr, flat_params, x, y)
+            out[f"{split}_accuracy"] = accuracy(tr, state, x, y)
         return out
 
     def load_meta_files(self, files: Mapping[str, str | None]) -> dict[str, Tensor]:

@@ -403,9 +403,14 @@ def metagradient(
     final = run_forward(s0, T, first.store, "forward")
     with torch.enable_grad():
         theta = final.params.detach().requires_grad_(True)
-        value = objective(trainer.unflatten(theta))
-        (theta_bar,) = torch.autograd.grad(value, theta)
-    adjoint = (theta_bar, *(torch.zeros_like(t) for t in final.opt_state))
+        buffers = final.buffers.detach().requires_grad_(True)
+        value = objective(trainer.named_tensors(theta, buffers))
+        theta_bar, buffers_bar = torch.autograd.grad(value, (theta, buffers), allow_unused=True)
+    adjoint = (
+        theta_bar,
+        *(torch.zeros_like(t) for t in final.opt_state),
+        torch.zeros_like(buffers) if buffers_bar is None else buffers_bar,
+    )
     forward_seconds = time.perf_counter() - started
 
     # ---- reverse pass

@@ -2,16 +2,26 @@
 
 Training is ``s_{t+1} = h_t(s_t, z)`` for ``t = 0 .. T-1`` (``method.md`` §1). Here
 
-* the state :class:`TrainState` holds the flat parameter vector, the optimizer's tensors and
-  the step count: everything step ``t`` reads;
+* the state :class:`TrainState` holds the flat parameter vector, the optimizer's tensors, the
+  module's buffers (BatchNorm running statistics, flat) and the step count: everything step
+  ``t`` reads;
 * ``z`` is a mapping from metaparameter names to tensors (:mod:`mgd.metaparams`);
 * the minibatch of step ``t`` is a pure function of ``(seed, t)`` (:meth:`Trainer.batch_indices`),
   so a replayed step reproduces the original bit for bit.
 
-The model is any ``nn.Module`` without buffers, run through ``torch.func.functional_call`` on
-views of the flat parameter vector. Keeping the parameters (and every optimizer moment) as one
+The model is any ``nn.Module`` whose only buffers are BatchNorm running statistics, run
+through ``torch.func.functional_call`` on views of the flat parameter vector. Keeping the parameters (and every optimizer moment) as one
 flat tensor makes the optimizer a handful of vector operations and a checkpoint a few
 ``clone`` calls.
+
+NOTE [buffers]: BatchNorm in train mode normalises with batch statistics and updates its
+running statistics in place, outside autograd. The running statistics are what an eval-mode
+objective reads, so they must be differentiable functions of the parameters. The trainer
+therefore hands BatchNorm throwaway copies of the buffers (so nothing stored is ever
+mutated), records each BatchNorm layer's input with a forward pre-hook, and recomputes the new
+running statistics out of place with PyTorch's formula
+``r' = (1 - m) r + m · stat`` (unbiased variance; ``m = 1 / count`` when ``momentum`` is
+``None``). ``num_batches_tracked`` is not state: it is its initial value plus the step count.
 
 NOTE [determinism]: every step is a deterministic function of its inputs on a fixed device,
 dtype and thread count. ``mgd`` never reads a global RNG during training; the CLI fixes the
@@ -21,8 +31,9 @@ thread count. The REPLAY engine fingerprints every state and refuses a replay th
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from typing import Callable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -39,18 +50,28 @@ __all__ = ["TrainState", "Trainer", "cross_entropy_objective", "accuracy"]
 
 @dataclass(frozen=True)
 class TrainState:
-    """Everything step ``step`` reads: ``params`` (flat), ``opt_state`` and the step count."""
+    """Everything step ``step`` reads.
+
+    Attributes:
+        params: the flat parameter vector.
+        opt_state: the optimizer's tensors (flat, like ``params``).
+        buffers: the flat floating-point buffers (BatchNorm running statistics); empty when
+            the model has none.
+        step: the number of steps taken.
+    """
 
     params: Tensor
     opt_state: tuple[Tensor, ...]
+    buffers: Tensor
     step: int
 
     def tensors(self) -> tuple[Tensor, ...]:
-        return (self.params, *self.opt_state)
+        """``(params, *opt_state, buffers)``: the differentiable part of the state."""
+        return (self.params, *self.opt_state, self.buffers)
 
     @classmethod
     def from_tensors(cls, tensors: tuple[Tensor, ...], step: int) -> "TrainState":
-        return cls(tensors[0], tuple(tensors[1:]), step)
+        return cls(tensors[0], tuple(tensors[1:-1]), tensors[-1], step)
 
     def detached(self) -> "TrainState":
         """A detached copy that shares no storage with ``self`` (a checkpoint)."""
@@ -60,12 +81,64 @@ class TrainState:
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
 
+@contextmanager
+def _mode(model: nn.Module, train: bool) -> Iterator[None]:
+    """Put ``model`` in train or eval mode for a block, restoring the previous mode."""
+    previous = model.training
+    if previous != train:
+        model.train(train)
+    try:
+        yield
+    finally:
+        if previous != train:
+            model.train(previous)
+
+
+def eval_forward(model: nn.Module, named: Mapping[str, Tensor], x: Tensor) -> Tensor:
+    """``model(x)`` in eval mode at parameters and buffers ``named``, differentiable in both.
+
+    PyTorch's eval-mode BatchNorm kernel cannot differentiate with respect to the running
+    statistics, yet an eval-mode objective depends on them. Each BatchNorm layer therefore gets
+    the detached statistics (for the kernel, whose output is discarded) and a forward hook
+    that recomputes its output as ``(x - mean) / sqrt(var + eps) · weight + bias`` from the
+    differentiable ones.
+    """
+    norms = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        with _mode(model, False):
+            return functional_call(model, dict(named), (x,))
+    detached = dict(named)
+    handles = []
+    for name, module in norms:
+        prefix = f"{name}." if name else ""
+        mean, var = named[prefix + "running_mean"], named[prefix + "running_var"]
+        detached[prefix + "running_mean"], detached[prefix + "running_var"] = mean.detach(), var.detach()
+
+        def hook(module: nn.Module, args: tuple, output: Tensor, mean=mean, var=var) -> Tensor:
+            inputs = args[0]
+            shape = [1, -1] + [1] * (inputs.dim() - 2)
+            out = (inputs - mean.view(shape)) / torch.sqrt(var.view(shape) + module.eps)
+            if module.affine:
+                out = out * module.weight.view(shape) + module.bias.view(shape)
+            return out
+
+        handles.append(module.register_forward_hook(hook))
+    try:
+        with _mode(model, False):
+            return functional_call(model, detached, (x,))
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 @dataclass
 class Trainer:
     """A training run as a pure step function.
 
     Args:
-        model: an ``nn.Module`` without buffers; its current parameters are the initial ones.
+        model: an ``nn.Module`` whose only buffers are BatchNorm running statistics; its
+            current parameters and buffers are the initial ones. Training runs it in train
+            mode; objectives built with :func:`cross_entropy_objective` run it in eval mode.
         optimizer: an :mod:`mgd.optim` optimizer.
         x_train, y_train: the training set (features, integer labels), on the training device.
         steps: number of optimizer steps ``T``.
@@ -74,6 +147,8 @@ class Trainer:
         lr: base learning rate; the ``lr`` and ``lr_knots`` metaparameters multiply it.
         weight_decay: default weight decay (the ``weight_decay`` metaparameter replaces it).
         seed: seeds the batch order.
+        warmup_steps: linear learning-rate warm-up: step ``t`` uses
+            ``lr · min(1, (t + 1) / warmup_steps)`` before any metaparameter acts.
         metaparams: the kinds of metaparameters this run has (names from
             :data:`mgd.metaparams.METAPARAMS`, or instances). Their values are passed to
             :meth:`step`; a missing value means the kind's neutral default.
@@ -100,19 +175,19 @@ class Trainer:
     weight_decay: float = 0.0
     seed: int = 0
     metaparams: Mapping[str, MetaParam] | tuple = ()
+    warmup_steps: int = 0
     _names: tuple[str, ...] = field(init=False, repr=False)
     _shapes: tuple[torch.Size, ...] = field(init=False, repr=False)
     _numels: tuple[int, ...] = field(init=False, repr=False)
+    _norms: tuple[tuple[str, nn.modules.batchnorm._BatchNorm], ...] = field(init=False, repr=False)
+    _buffer_names: tuple[str, ...] = field(init=False, repr=False)
+    _buffer_shapes: tuple[torch.Size, ...] = field(init=False, repr=False)
+    _buffer_numels: tuple[int, ...] = field(init=False, repr=False)
+    _captured: list | None = field(init=False, repr=False, default=None)
     _epoch_cache: dict = field(init=False, repr=False, default_factory=dict)
 
     def __post_init__(self) -> None:
-        buffers = [name for name, _ in self.model.named_buffers()]
-        if buffers:
-            raise UserError(
-                f"the model has buffers ({', '.join(buffers[:3])}{'...' if len(buffers) > 3 else ''}), "
-                "which the training core does not carry yet; use a model without buffers "
-                "(e.g. GroupNorm or LayerNorm instead of BatchNorm)"
-            )
+        self._setup_buffers()
         if self.steps < 1:
             raise UserError(f"steps must be >= 1, got {self.steps}")
         n = len(self.x_train)
@@ -126,6 +201,8 @@ class Trainer:
             raise UserError(f"learning rate must be a positive number, got {self.lr}")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise UserError(f"weight decay must be >= 0, got {self.weight_decay}")
+        if self.warmup_steps < 0:
+            raise UserError(f"warm-up steps must be >= 0, got {self.warmup_steps}")
         named = [(name, p) for name, p in self.model.named_parameters()]
         self._names = tuple(name for name, _ in named)
         self._shapes = tuple(p.shape for _, p in named)
@@ -160,9 +237,99 @@ class Trainer:
         chunks = flat.split(self._numels)
         return {name: c.view(shape) for name, c, shape in zip(self._names, chunks, self._shapes)}
 
-    def forward(self, flat: Tensor, x: Tensor) -> Tensor:
-        """The model's output at parameters ``flat``."""
-        return functional_call(self.model, self.unflatten(flat), (x,))
+    def named_tensors(self, params: Tensor, buffers: Tensor) -> dict[str, Tensor]:
+        """Parameters and floating-point buffers as a name → tensor dict (what objectives get)."""
+        named = self.unflatten(params)
+        chunks = buffers.split(self._buffer_numels)
+        named.update(
+            {name: c.view(shape) for name, c, shape in zip(self._buffer_names, chunks, self._buffer_shapes)}
+        )
+        return named
+
+    def predict(self, params: Tensor, buffers: Tensor, x: Tensor) -> Tensor:
+        """The model's output in eval mode (BatchNorm uses the running statistics)."""
+        return eval_forward(self.model, self.named_tensors(params, buffers), x)
+
+    # ----------------------------------------------------------------------------- buffers
+    def _setup_buffers(self) -> None:
+        norms = []
+        for name, module in self.model.named_modules():
+            own = [b for b, _ in module.named_buffers(recurse=False)]
+            if not own:
+                continue
+            if not isinstance(module, nn.modules.batchnorm._BatchNorm):
+                raise UserError(
+                    f"module {name!r} ({type(module).__name__}) has buffers; the training core "
+                    "carries only BatchNorm running statistics as buffers"
+                )
+            norms.append((name, module))
+        self._norms = tuple(norms)
+        floating = [
+            (name, b) for name, b in self.model.named_buffers() if b.is_floating_point()
+        ]
+        self._buffer_names = tuple(name for name, _ in floating)
+        self._buffer_shapes = tuple(b.shape for _, b in floating)
+        self._buffer_numels = tuple(b.numel() for _, b in floating)
+        for _, module in self._norms:
+            module.register_forward_pre_hook(self._capture_input)
+
+    def _capture_input(self, module: nn.Module, args: tuple) -> None:
+        if self._captured is not None and module.training:
+            self._captured.append((module, args[0]))
+
+    def flat_buffers(self) -> Tensor:
+        """The model's current floating-point buffers as one flat vector (may be empty)."""
+        values = [b.detach().reshape(-1) for name, b in self.model.named_buffers() if b.is_floating_point()]
+        if not values:
+            return torch.zeros(0, dtype=self.dtype, device=self.device)
+        return torch.cat(values).to(device=self.device, dtype=self.dtype)
+
+    def _train_forward(self, params: Tensor, buffers: Tensor, x: Tensor, step: int) -> tuple[Tensor, Tensor]:
+        """Train-mode output and the new flat buffers (NOTE [buffers]); differentiable."""
+        named = self.unflatten(params)
+        if not self._norms:
+            with _mode(self.model, True):
+                return functional_call(self.model, named, (x,)), buffers
+        # Throwaway copies: BatchNorm's in-place running-stat update must never reach a
+        # stored state.
+        stored = self.named_tensors(params.detach(), buffers.detach())
+        named.update({name: stored[name].clone() for name in self._buffer_names})
+        for name, module in self._norms:  # the step counter, also a throwaway
+            if module.num_batches_tracked is not None:
+                prefix = f"{name}." if name else ""
+                named[prefix + "num_batches_tracked"] = module.num_batches_tracked + step
+        self._captured = []
+        try:
+            with _mode(self.model, True):
+                out = functional_call(self.model, named, (x,))
+            captured = self._captured
+        finally:
+            self._captured = None
+        if len(captured) != len(self._norms):
+            raise UserError(
+                "each BatchNorm layer must run exactly once per forward pass to carry its "
+                "running statistics"
+            )
+        running = self.named_tensors(params, buffers)  # differentiable views of the old stats
+        updated = dict(running)
+        module_names = {id(m): name for name, m in self._norms}
+        for module, inputs in captured:
+            prefix = module_names[id(module)]
+            prefix = f"{prefix}." if prefix else ""
+            dims = [d for d in range(inputs.dim()) if d != 1]
+            count = inputs.numel() // inputs.shape[1]
+            mean = inputs.mean(dim=dims)
+            var = inputs.var(dim=dims, unbiased=True) if count > 1 else torch.zeros_like(mean)
+            if module.momentum is None:  # cumulative average over all batches so far
+                tracked = int(module.num_batches_tracked) + step + 1
+                factor = 1.0 / tracked
+            else:
+                factor = module.momentum
+            for stat, value in (("running_mean", mean), ("running_var", var)):
+                key = prefix + stat
+                updated[key] = (1.0 - factor) * running[key] + factor * value
+        flat = torch.cat([updated[name].reshape(-1) for name in self._buffer_names])
+        return out, flat
 
     # ----------------------------------------------------------------------------- data
     def batch_indices(self, step: int) -> Tensor:
@@ -184,7 +351,7 @@ class Trainer:
     # ----------------------------------------------------------------------------- steps
     def init_state(self) -> TrainState:
         params = self.flat_params()
-        return TrainState(params, tuple(self.optimizer.init(params)), 0)
+        return TrainState(params, tuple(self.optimizer.init(params)), self.flat_buffers(), 0)
 
     def default_meta(self) -> dict[str, Tensor]:
         """The neutral value of every metaparameter kind of this run."""
@@ -214,12 +381,15 @@ class Trainer:
         ``local`` holds each metaparameter's slice for this step (:meth:`MetaParam.local`).
         """
         index = self.batch_indices(step)
+        lr = self.lr
+        if self.warmup_steps:
+            lr = lr * min(1.0, (step + 1) / self.warmup_steps)
         inputs = StepInputs(
             index=index,
             x=self.x_train[index],
             y=self.y_train[index],
             example_weights=None,
-            lr=torch.tensor(self.lr, dtype=self.dtype, device=self.device),
+            lr=torch.tensor(lr, dtype=self.dtype, device=self.device),
             weight_decay=self.weight_decay,
         )
         for name, mp in self.metaparams.items():
@@ -230,28 +400,33 @@ class Trainer:
         index = self.batch_indices(step)
         return {name: mp.local(meta[name], step, index) for name, mp in self.metaparams.items()}
 
-    def batch_loss(self, params: Tensor, inputs: StepInputs) -> Tensor:
-        """Minibatch loss ``(1/B) Σ_i w_i CE_i`` (``w_i = 1`` without data weights)."""
-        losses = F.cross_entropy(self.forward(params, inputs.x), inputs.y, reduction="none")
+    def batch_loss(
+        self, params: Tensor, buffers: Tensor, inputs: StepInputs, step: int
+    ) -> tuple[Tensor, Tensor]:
+        """Minibatch loss ``(1/B) Σ_i w_i CE_i`` (``w_i = 1`` without data weights), new buffers."""
+        logits, new_buffers = self._train_forward(params, buffers, inputs.x, step)
+        losses = F.cross_entropy(logits, inputs.y, reduction="none")
         if inputs.example_weights is not None:
             losses = inputs.example_weights * losses
-        return losses.sum() / len(losses)
+        return losses.sum() / len(losses), new_buffers
 
     def differentiable_step(
         self, state_tensors: tuple[Tensor, ...], step: int, local: Mapping[str, Tensor]
     ) -> tuple[Tensor, ...]:
         """One step with a graph: ``h_t`` as a differentiable function of state and ``local``.
 
-        The inner gradient is taken with ``create_graph=True`` so the result can be
-        differentiated again (the double-backward per-step VJP of ``method.md`` §3.1).
+        ``state_tensors`` is :meth:`TrainState.tensors`. The inner gradient is taken with
+        ``create_graph=True`` so the result can be differentiated again (the double-backward
+        per-step VJP of ``method.md`` §3.1).
         """
-        params, *opt_state = state_tensors
+        params, *opt_state, buffers = state_tensors
         inputs = self.step_inputs(step, local)
-        (grad,) = torch.autograd.grad(self.batch_loss(params, inputs), params, create_graph=True)
+        loss, new_buffers = self.batch_loss(params, buffers, inputs, step)
+        (grad,) = torch.autograd.grad(loss, params, create_graph=True)
         new_params, new_opt = self.optimizer.update(
             grad, params, tuple(opt_state), step=step, lr=inputs.lr, weight_decay=inputs.weight_decay
         )
-        return (new_params, *new_opt)
+        return (new_params, *new_opt, new_buffers)
 
     def step(self, state: TrainState, meta: Mapping[str, Tensor]) -> TrainState:
         """``s_{t+1} = h_t(s_t, z)``: one training step, no graph kept, inputs untouched."""
@@ -262,13 +437,14 @@ class Trainer:
             inputs = self.step_inputs(t, self.local_meta(meta, t))
         params = state.params.detach().requires_grad_(True)
         with torch.enable_grad():
-            (grad,) = torch.autograd.grad(self.batch_loss(params, inputs), params)
+            loss, new_buffers = self.batch_loss(params, state.buffers, inputs, t)
+            (grad,) = torch.autograd.grad(loss, params)
         with torch.no_grad():
             new_params, new_opt = self.optimizer.update(
                 grad, state.params, state.opt_state, step=t, lr=inputs.lr,
                 weight_decay=inputs.weight_decay,
             )
-        return TrainState(new_params, tuple(new_opt), t + 1)
+        return TrainState(new_params, tuple(new_opt), new_buffers.detach(), t + 1)
 
     def run(
         self,
@@ -292,15 +468,18 @@ class Trainer:
 def cross_entropy_objective(
     model: nn.Module, x: Tensor, y: Tensor
 ) -> Callable[[Mapping[str, Tensor]], Tensor]:
-    """``φ(θ)``: mean cross-entropy of ``model`` with parameters ``θ`` (a name → tensor dict)."""
+    """``φ(θ)``: mean cross-entropy of ``model`` (eval mode) with parameters and buffers ``θ``.
+
+    ``θ`` is a name → tensor dict, as :meth:`Trainer.named_tensors` returns.
+    """
 
     def objective(params: Mapping[str, Tensor]) -> Tensor:
-        return F.cross_entropy(functional_call(model, dict(params), (x,)), y)
+        return F.cross_entropy(eval_forward(model, params, x), y)
 
     return objective
 
 
 @torch.no_grad()
-def accuracy(trainer: Trainer, flat: Tensor, x: Tensor, y: Tensor) -> float:
-    """Fraction of ``(x, y)`` classified correctly at flat parameters ``flat`` (not differentiated)."""
-    return (trainer.forward(flat, x).argmax(dim=1) == y).double().mean().item()
+def accuracy(trainer: Trainer, state: TrainState, x: Tensor, y: Tensor) -> float:
+    """Fraction of ``(x, y)`` classified correctly at ``state`` (eval mode; not differentiated)."""
+    return (trainer.predict(state.params, state.buffers, x).argmax(dim=1) == y).double().mean().item()

@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
                 k=args.replay_k, progress=progress,
             )
         seconds = time.perf_counter() - started
-    metrics = problem.evaluate(result.final_state.params)
+    metrics = problem.evaluate(result.final_state)
     grads = {name: g.detach().cpu().double().numpy() for name, g in result.grads.items()}
     state_bytes = result.final_state.nbytes()
     summary = {

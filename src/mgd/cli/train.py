@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
         with peak_memory() as memory:
             final = problem.trainer.run(meta, callback=callback)
         seconds = time.perf_counter() - started
-    metrics = problem.evaluate(final.params)
+    metrics = problem.evaluate(final)
     result = {
         **metrics,
         "config": config.to_dict(),
