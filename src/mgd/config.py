@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mgd.corruption import label_noise
 from mgd.data import DATASETS, Dataset, load_dataset
 from mgd.errors import UserError
 from mgd.io import load_npy
@@ -55,6 +56,12 @@ class RunConfig:
     dtype: str = "float32"
     device: str = "cpu"
     num_knots: int = 10
+    norm: str = "none"
+    logit_scale: float = 1.0
+    pooling: str = "avg"
+    warmup_steps: int = 0
+    label_noise: float = 0.0
+    noise_seed: int = 0
 
     def resolved(self) -> "RunConfig":
         """Fill in the defaults that depend on other fields (model width, LR per optimizer)."""
@@ -89,6 +96,7 @@ class Problem:
     y_val: Tensor
     x_test: Tensor
     y_test: Tensor
+    corrupted: np.ndarray | None = None  # ground truth of the pool corruption: diagnostics only
 
     def val_objective(self):
         """``φ``: mean validation cross-entropy of the final parameters."""
@@ -145,9 +153,21 @@ def build_problem(config: RunConfig, *, dataset: Dataset | None = None) -> Probl
     dtype = DTYPES[config.dtype]
     device = _device(config.device)
     dataset = load_dataset(config.dataset) if dataset is None else dataset
-    options = {"width": config.width, "activation": config.activation}
+    y_train, corrupted = dataset.y_train, None
+    if config.label_noise:
+        y_train, corrupted = label_noise(
+            dataset.y_train, config.label_noise, dataset.num_classes, seed=config.noise_seed
+        )
+    options = {
+        "width": config.width,
+        "activation": config.activation,
+        "norm": config.norm,
+        "logit_scale": config.logit_scale,
+    }
     if config.model == "mlp":
         options["depth"] = config.depth
+    else:
+        options["pooling"] = config.pooling
     model = build_model(
         config.model, dataset.input_shape, dataset.num_classes, seed=config.seed, dtype=dtype, **options
     ).to(device)
@@ -165,13 +185,14 @@ def build_problem(config: RunConfig, *, dataset: Dataset | None = None) -> Probl
         model,
         optimizer,
         tensor(dataset.x_train),
-        tensor(dataset.y_train, labels=True),
+        tensor(y_train, labels=True),
         steps=config.steps,
         batch_size=config.batch_size,
         lr=config.lr,
         weight_decay=config.weight_decay,
         seed=config.seed,
         metaparams=metaparams,
+        warmup_steps=config.warmup_steps,
     )
     return Problem(
         config,
@@ -182,4 +203,5 @@ def build_problem(config: RunConfig, *, dataset: Dataset | None = None) -> Probl
         tensor(dataset.y_val, labels=True),
         tensor(dataset.x_test),
         tensor(dataset.y_test, labels=True),
+        corrupted,
     )

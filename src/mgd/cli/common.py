@@ -12,7 +12,7 @@ import torch
 
 from mgd.config import DTYPES, RunConfig
 from mgd.errors import UserError
-from mgd.models import ACTIVATIONS, MODELS
+from mgd.models import ACTIVATIONS, MODELS, NORMS, POOLINGS
 from mgd.optim import OPTIMIZERS
 
 
@@ -23,6 +23,31 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def seed_list(text: str) -> list[int]:
+    """``"0,1,2"`` or a range ``"100-109"`` → a list of distinct integers."""
+    try:
+        if "-" in text.strip().lstrip("-") and "," not in text:
+            first, last = (int(part) for part in text.split("-", 1))
+            seeds = list(range(first, last + 1))
+        else:
+            seeds = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seeds like 0,1,2 or 100-109, got {text!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"expected distinct seeds, got {text!r}")
+    return seeds
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
     return value
 
 
@@ -54,6 +79,11 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--width", type=positive_int, help="hidden width / channels (default: 128 MLP, 32 CNN)")
     g.add_argument("--depth", type=int, default=defaults.depth, help="MLP hidden layers (default: %(default)s)")
     g.add_argument("--activation", choices=sorted(ACTIVATIONS), help="default: tanh (MLP), relu (CNN)")
+    g.add_argument("--norm", choices=NORMS, default=defaults.norm,
+                   help="BatchNorm before or after each activation, or none (default: %(default)s)")
+    g.add_argument("--logit-scale", type=positive_float, default=defaults.logit_scale,
+                   help="multiply the logits by this (0.1 = logits / 10) (default: %(default)s)")
+    g.add_argument("--pooling", choices=POOLINGS, default=defaults.pooling, help="CNN pooling (default: %(default)s)")
     g.add_argument("--optimizer", choices=OPTIMIZERS, default=defaults.optimizer, help="(default: %(default)s)")
     g.add_argument("--lr", type=positive_float, help="base learning rate (default: 0.05 SGD, 1e-3 Adam/AdamW)")
     g.add_argument("--momentum", type=non_negative_float, default=defaults.momentum,
@@ -66,11 +96,17 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
                         "(default: %(default)s)")
     g.add_argument("--steps", type=positive_int, default=defaults.steps, help="training steps T (default: %(default)s)")
     g.add_argument("--batch-size", type=positive_int, default=defaults.batch_size, help="(default: %(default)s)")
+    g.add_argument("--warmup-steps", type=non_negative_int, default=defaults.warmup_steps,
+                   help="linear LR warm-up over this many steps (default: %(default)s)")
     g.add_argument("--seed", type=int, default=defaults.seed, help="initialisation and batch-order seed (default: %(default)s)")
     g.add_argument("--dtype", choices=sorted(DTYPES), default=defaults.dtype, help="(default: %(default)s)")
     g.add_argument("--device", default=defaults.device, help="cpu, cuda, cuda:N or auto (default: %(default)s)")
     g.add_argument("--threads", type=positive_int, default=1,
                    help="torch CPU threads; replays and reruns must use the same value (default: %(default)s)")
+    c = parser.add_argument_group("pool corruption (experiments; the ground truth is used for diagnostics only)")
+    c.add_argument("--label-noise", type=non_negative_float, default=defaults.label_noise,
+                   help="fraction of training labels replaced by a wrong label (default: %(default)s)")
+    c.add_argument("--noise-seed", type=int, default=defaults.noise_seed, help="(default: %(default)s)")
     m = parser.add_argument_group("metaparameter values (.npy files; default: neutral values)")
     m.add_argument("--lr-multipliers", metavar="FILE.npy", help="per-step LR multipliers, length --steps (default: ones)")
     m.add_argument("--lr-knots", metavar="FILE.npy", help="log-LR multiplier knots (default: --num-knots zeros)")

@@ -11,10 +11,10 @@ import sys
 from typing import Sequence
 
 from mgd._version import __version__
-from mgd.cli import estimate, grad, train
+from mgd.cli import estimate, grad, optimize, train
 from mgd.errors import ReplayDivergedError, UserError
 
-SUBCOMMANDS = (train, grad, estimate)
+SUBCOMMANDS = (train, grad, optimize, estimate)
 
 
 class _Parser(argparse.ArgumentParser):
