@@ -200,7 +200,8 @@ class FixedTotal:
         hi = math.inf if self.upper is None else self.upper
         # Find τ with Σ clamp(z - τ, 0, hi) = total by bisection: exact enough in float64
         # and simple; the function is monotone in τ.
-        lo_tau, hi_tau = float(flat.min()) - hi - self.total - 1.0, float(flat.max())
+        # At τ = min(z) - total/n every entry is at least total/n (or at its upper bound).
+        lo_tau, hi_tau = float(flat.min()) - self.total / flat.numel() - 1.0, float(flat.max())
         for _ in range(100):
             tau = 0.5 * (lo_tau + hi_tau)
             if float((flat - tau).clamp(0, hi).sum()) > self.total:
