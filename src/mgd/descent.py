@@ -316,8 +316,10 @@ class MetaStep:
     grad_norms: dict[str, float]
     seconds: float
     extra: dict = field(default_factory=dict)
+    iterate: dict[str, Tensor] = field(default_factory=dict, repr=False)  # z_step itself
 
     def to_dict(self) -> dict:
+        """The JSON-able part (the iterate is saved separately as arrays)."""
         return {
             "step": self.step,
             "seed": self.seed,
@@ -419,6 +421,7 @@ def descend(
             grad_norms={name: float(g.norm()) for name, g in grads.items()},
             seconds=time.perf_counter() - started,
             extra=diagnostics(state.z) if diagnostics else {},
+            iterate=state.z,
         )
         state = DescentState(i + 1, z_next, opt_next, state.best_step, state.best_value, state.best_z)
         if on_step is not None:

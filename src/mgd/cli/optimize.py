@@ -46,7 +46,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="metagradient descent on data weights, LR schedules or weight decay",
         description="Repeatedly train, compute the exact metagradient of the validation loss and "
         "take a projected meta-step; crafting seeds rotate. Writes a resumable run directory "
-        "(run.json, history.jsonl, state.npz, result.json, meta.npz, progress.png). The chosen "
+        "(run.json, history.jsonl, iterates/, state.npz, result.json, meta.npz, progress.png). The chosen "
         "iterate is the best on validation; it and the start are then retrained on fresh "
         "evaluation seeds and reported on the test split.",
     )
@@ -177,6 +177,9 @@ def run(args: argparse.Namespace) -> int:
         run_dir.truncate_history(0)
 
     def on_step(record, new_state) -> None:
+        run_dir.write_npz(
+            f"iterates/{record.step:05d}.npz", {n: v.cpu().numpy() for n, v in record.iterate.items()}
+        )
         run_dir.append_history(record.to_dict())
         run_dir.save_state(*state_to_arrays(new_state))
 
