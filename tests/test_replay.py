@@ -52,7 +52,7 @@ def test_schedule_worked_example_T8_k2():
 @pytest.mark.parametrize("k", [2, 3, 4, 5, 16, None])
 def test_schedule_visits_every_step_once_in_reverse_within_bound(T, k):
     k = default_k(T) if k is None else k
-    vjps, live, peak, stored = [], 0, 0, set()
+    vjps, peak, stored = [], 0, set()
     for op in schedule(T, k):
         if isinstance(op, Forward):
             stored = {0, *op.store}

@@ -16,14 +16,26 @@ from mgd.models import ACTIVATIONS, MODELS, NORMS, POOLINGS
 from mgd.optim import OPTIMIZERS
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+def _number(cast, description: str, accept):
+    """An argparse type: ``cast`` the text and require ``accept(value)`` (NaN never passes)."""
+
+    def parse(text: str):
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {description}, got {text!r}") from None
+        if not accept(value):
+            raise argparse.ArgumentTypeError(f"expected {description}, got {text}")
+        return value
+
+    return parse
+
+
+positive_int = _number(int, "a positive integer", lambda v: v >= 1)
+non_negative_int = _number(int, "an integer >= 0", lambda v: v >= 0)
+non_negative_float = _number(float, "a number >= 0", lambda v: v >= 0)
+positive_float = _number(float, "a finite number > 0", lambda v: 0 < v < float("inf"))
+replay_k = _number(int, "an integer >= 2 (k = 2 uses the least memory)", lambda v: v >= 2)
 
 
 def seed_list(text: str) -> list[int]:
@@ -39,33 +51,6 @@ def seed_list(text: str) -> list[int]:
     if not seeds or len(set(seeds)) != len(seeds):
         raise argparse.ArgumentTypeError(f"expected distinct seeds, got {text!r}")
     return seeds
-
-
-def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value >= 0:  # also rejects NaN
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = non_negative_float(text)
-    if value == 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
-    return value
 
 
 def add_run_flags(parser: argparse.ArgumentParser) -> None:
@@ -138,6 +123,11 @@ def configure_torch(args: argparse.Namespace) -> None:
         torch.backends.cudnn.benchmark = False
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
+
+
+def add_replay_k_flag(parser) -> None:
+    parser.add_argument("--replay-k", type=replay_k, metavar="K",
+                        help="REPLAY tree branching factor >= 2 (default: ceil(sqrt(steps)))")
 
 
 def add_output_flags(parser: argparse.ArgumentParser, default_out: str) -> None:

@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from mgd.cli.common import add_run_flags, config_from_args, configure_torch
+from mgd.cli.common import add_replay_k_flag, add_run_flags, config_from_args, configure_torch
 from mgd.config import build_problem
-from mgd.errors import UserError
 from mgd.replay import ReplayPlan
 
 
@@ -18,14 +17,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Dry run: count what `mgd grad` would store and replay for this configuration.",
     )
     add_run_flags(parser)
-    parser.add_argument("--replay-k", type=int, metavar="K", help="branching factor >= 2 (default: ceil(sqrt(steps)))")
+    add_replay_k_flag(parser)
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.replay_k is not None and args.replay_k < 2:
-        raise UserError(f"--replay-k must be >= 2, got {args.replay_k}")
     configure_torch(args)
     config = config_from_args(args)
     problem = build_problem(config)  # builds the model to count parameters; trains nothing

@@ -11,11 +11,11 @@ from mgd import __version__
 from mgd._resources import peak_memory
 from mgd.cli.common import (
     add_output_flags,
+    add_replay_k_flag,
     add_run_flags,
     config_from_args,
     configure_torch,
     meta_files,
-    positive_int,
     progress_bars,
 )
 from mgd.config import CLI_METAPARAMS, build_problem
@@ -38,7 +38,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "(default: %(default)s)")
     r.add_argument("--mode", choices=MODES, default="replay",
                    help="replay: lazy k-ary checkpoint tree; unrolled: store every state (default: %(default)s)")
-    r.add_argument("--replay-k", type=int, metavar="K", help="tree branching factor >= 2 (default: ceil(sqrt(steps)))")
+    add_replay_k_flag(r)
     add_output_flags(parser, "runs/grad")
     parser.set_defaults(run=run)
 
@@ -57,8 +57,6 @@ def parse_meta(text: str) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     wrt = parse_meta(args.meta)
-    if args.replay_k is not None and args.replay_k < 2:
-        raise UserError(f"--replay-k must be >= 2 (k = 2 uses the least memory), got {args.replay_k}")
     configure_torch(args)
     config = config_from_args(args)
     problem = build_problem(config)

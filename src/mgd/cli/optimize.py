@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import math
 
-import numpy as np
 import torch
 
 from mgd import __version__
 from mgd.cli.common import (
+    add_replay_k_flag,
     add_run_flags,
     config_from_args,
     configure_torch,
@@ -35,6 +34,7 @@ from mgd.descent import (
 )
 from mgd.errors import UserError
 from mgd.evaluation import paired_difference, retrain_and_evaluate, summarize
+from mgd.plots import pyplot, save_figure
 from mgd.runs import RunDirectory
 
 METRICS = ("val_loss", "val_accuracy", "test_loss", "test_accuracy")
@@ -70,7 +70,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="training seeds rotated across meta-steps (default: 0,1,2,3,4)")
     o.add_argument("--eval-seeds", type=seed_list, default=[100, 101, 102, 103, 104],
                    help="fresh seeds for the final retraining (default: 100,...,104)")
-    o.add_argument("--replay-k", type=int, metavar="K", help="REPLAY branching factor >= 2")
+    add_replay_k_flag(o)
     parser.add_argument("--out", default="runs/optimize", help="new run directory (default: %(default)s)")
     parser.add_argument("--resume", metavar="DIR", help="continue the run in DIR after a crash")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or summary")
@@ -124,8 +124,6 @@ def _projection(name: str, start: torch.Tensor, options: dict):
 
 def run(args: argparse.Namespace) -> int:
     names = parse_meta(args.meta)
-    if args.replay_k is not None and args.replay_k < 2:
-        raise UserError(f"--replay-k must be >= 2, got {args.replay_k}")
     configure_torch(args)
     config = config_from_args(args)
     options = _options(args, names)
@@ -235,27 +233,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _plot_progress(run_dir: RunDirectory, history: list[dict]) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # plots are optional
+    plt = pyplot()
+    if plt is None:  # plots are optional
         return
-    import io
-
-    from mgd.io import atomic_write_bytes
-
     fig, ax = plt.subplots(figsize=(5, 3.2))
     ax.plot([r["step"] for r in history], [r["val_objective"] for r in history], marker="o", ms=3)
     ax.set_xlabel("meta-step")
     ax.set_ylabel("validation objective")
     ax.set_title("MGD progress (each step: a different crafting seed)", fontsize=9)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120)
-    plt.close(fig)
-    atomic_write_bytes(run_dir.path / "progress.png", buffer.getvalue())
+    save_figure(fig, run_dir.path / "progress.png")
 
 
 def describe(result: dict) -> str:

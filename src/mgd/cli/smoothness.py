@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import io
 import math
 import time
 
@@ -18,6 +17,7 @@ from mgd.descent import Box, SignedStep, descend
 from mgd.errors import UserError
 from mgd.io import atomic_write_bytes
 from mgd.recipes import DEFAULT_RECIPES, parse_recipe
+from mgd.plots import pyplot, save_figure
 from mgd.runs import RunDirectory
 from mgd.smoothness import metasmoothness, trainer_probe_fn
 
@@ -176,12 +176,8 @@ def _markdown(report: dict) -> str:
 
 
 def _plot(run_dir: RunDirectory, report: dict) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:  # plots are optional
         return
     rows = report["rows"]
     mgd = bool(rows) and "mgd_relative_drop" in rows[0]
@@ -205,7 +201,4 @@ def _plot(run_dir: RunDirectory, report: dict) -> None:
         axes[2].set_ylabel("val-loss drop after MGD (%)")
         axes[2].set_title(f"Spearman {c.get('spearman', float('nan')):+.2f}", fontsize=9)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120)
-    plt.close(fig)
-    atomic_write_bytes(run_dir.path / "smoothness.png", buffer.getvalue())
+    save_figure(fig, run_dir.path / "smoothness.png")
