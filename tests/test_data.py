@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -516,3 +517,13 @@ def test_npz_truncated_file(tmp_path):
     path.write_bytes(path.read_bytes()[:200])
     with pytest.raises(UserError, match=r"not a readable \.npz file"):
         load_dataset(str(path))
+
+
+def test_outputs_get_ordinary_file_permissions(tmp_path):
+    from mgd.io import write_json
+
+    write_json(tmp_path / "r.json", {"a": 1})
+    mode = (tmp_path / "r.json").stat().st_mode & 0o777
+    umask = os.umask(0)
+    os.umask(umask)
+    assert mode == 0o666 & ~umask

@@ -14,6 +14,9 @@ from mgd.errors import UserError
 
 __all__ = ["atomic_write_bytes", "write_json", "write_npz", "load_npy", "load_npz"]
 
+_UMASK = os.umask(0)  # read the process umask once (os.umask can only read it by setting it)
+os.umask(_UMASK)
+
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see either the old file or the new one.
@@ -25,6 +28,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        # mkstemp creates the file private (0600); give it the usual permissions instead.
+        os.chmod(tmp, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
