@@ -1,0 +1,174 @@
+"""One evaluation protocol for every application and baseline (``protocols.md`` §2).
+
+A method (MGD or a baseline) produces a :class:`Candidate`: the training set it proposes
+(possibly a subset, with poisons, or reweighted) and/or metaparameter values (e.g. an LR
+schedule), plus what it cost. :func:`evaluate` then retrains every candidate **from scratch**
+with the same fresh evaluation seeds (disjoint from all crafting seeds), reads the test split
+once, and reports per method the mean and 95% CI of test accuracy and loss, per-seed values,
+compute, and paired differences against the best baseline. Nothing here makes a choice on test.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+
+from mgd.config import RunConfig, build_problem
+from mgd.data import Dataset
+from mgd.errors import UserError
+from mgd.evaluation import mean_ci
+from mgd.io import atomic_write_bytes
+
+__all__ = ["Candidate", "Cost", "evaluate", "report_markdown", "with_training_set", "check_seeds"]
+
+
+@dataclass
+class Cost:
+    """What a method spent: wall-clock seconds and training-run equivalents.
+
+    A training-run equivalent is one training run of the evaluation recipe; a metagradient
+    counts as its measured time divided by the time of one training run.
+    """
+
+    seconds: float = 0.0
+    training_runs: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {"seconds": self.seconds, "training_runs": self.training_runs}
+
+
+@dataclass
+class Candidate:
+    """A method's proposal, to be evaluated by retraining.
+
+    Attributes:
+        name: the method's name in reports.
+        x_train, y_train: the training set to train on (``None``: the dataset's own).
+        meta: metaparameter values for training (``data_weights`` must match ``x_train``).
+        cost: what producing it cost.
+        kind: ``"mgd"``, ``"baseline"`` or ``"reference"`` (references, e.g. an oracle, are
+            reported but never count as "the best baseline").
+        info: diagnostics (e.g. the precision of a selection); never used for choices.
+    """
+
+    name: str
+    x_train: np.ndarray | None = None
+    y_train: np.ndarray | None = None
+    meta: Mapping[str, np.ndarray] = field(default_factory=dict)
+    cost: Cost = field(default_factory=Cost)
+    kind: str = "baseline"
+    info: dict = field(default_factory=dict)
+
+
+def with_training_set(dataset: Dataset, x: np.ndarray | None, y: np.ndarray | None) -> Dataset:
+    """``dataset`` with its training split replaced (validation and test untouched)."""
+    if x is None and y is None:
+        return dataset
+    x = dataset.x_train if x is None else np.ascontiguousarray(x, dtype=np.float64)
+    y = dataset.y_train if y is None else np.ascontiguousarray(y, dtype=np.int64)
+    if len(x) != len(y):
+        raise UserError(f"training set has {len(x)} inputs but {len(y)} labels")
+    if len(x) == 0:
+        raise UserError("a method proposed an empty training set")
+    return replace(dataset, x_train=x, y_train=y)
+
+
+def check_seeds(crafting: Sequence[int], evaluation: Sequence[int]) -> None:
+    if not evaluation:
+        raise UserError("need at least one evaluation seed")
+    overlap = sorted(set(crafting) & set(evaluation))
+    if overlap:
+        raise UserError(f"evaluation seeds {overlap} are also crafting seeds; evaluation seeds must be fresh")
+
+
+def _train_once(config: RunConfig, dataset: Dataset, candidate: Candidate, seed: int) -> dict:
+    train = with_training_set(dataset, candidate.x_train, candidate.y_train)
+    cfg = RunConfig(**{**config.to_dict(), "seed": seed, "batch_size": min(config.batch_size, len(train.x_train))})
+    problem = build_problem(cfg, dataset=train)
+    meta = {name: torch.as_tensor(np.asarray(v, dtype=np.float64)) for name, v in candidate.meta.items()}
+    final = problem.trainer.run(problem.trainer.check_meta(meta))
+    return {"seed": seed, **problem.evaluate(final)}
+
+
+def evaluate(
+    config: RunConfig,
+    dataset: Dataset,
+    candidates: Sequence[Candidate],
+    seeds: Sequence[int],
+    *,
+    progress=None,
+) -> dict:
+    """Retrain every candidate on every evaluation seed and summarise (see the module doc)."""
+    names = [c.name for c in candidates]
+    if len(set(names)) != len(names):
+        raise UserError(f"method names must be distinct: {names}")
+    started = time.perf_counter()
+    methods = {}
+    for candidate in candidates:
+        per_seed = []
+        for seed in seeds:
+            per_seed.append(_train_once(config, dataset, candidate, seed))
+            if progress is not None:
+                progress("evaluate", 1)
+        methods[candidate.name] = {
+            "kind": candidate.kind,
+            "test_accuracy": mean_ci([r["test_accuracy"] for r in per_seed]),
+            "test_loss": mean_ci([r["test_loss"] for r in per_seed]),
+            "val_accuracy": mean_ci([r["val_accuracy"] for r in per_seed]),
+            "val_loss": mean_ci([r["val_loss"] for r in per_seed]),
+            "per_seed": per_seed,
+            "cost": candidate.cost.to_dict(),
+            "train_size": int(len(candidate.y_train) if candidate.y_train is not None else len(dataset.y_train)),
+            "info": candidate.info,
+        }
+    baselines = [n for n, m in methods.items() if m["kind"] == "baseline"]
+    # The reference point for paired differences is the baseline with the best *validation*
+    # accuracy: choosing it on test would leak the test split into the comparison.
+    best = max(baselines, key=lambda n: methods[n]["val_accuracy"]["mean"]) if baselines else None
+    for name, m in methods.items():
+        if best is not None and name != best:
+            diffs = [a["test_accuracy"] - b["test_accuracy"]
+                     for a, b in zip(m["per_seed"], methods[best]["per_seed"])]
+            m["vs_best_baseline"] = {"baseline": best, "test_accuracy_diff": mean_ci(diffs)}
+    return {
+        "evaluation_seeds": list(seeds),
+        "best_baseline_by_val": best,
+        "methods": methods,
+        "evaluation_seconds": time.perf_counter() - started,
+    }
+
+
+def report_markdown(report: dict, title: str) -> str:
+    """The comparison table: test accuracy (mean ± 95% CI), paired difference, compute."""
+    lines = [
+        f"## {title}",
+        "",
+        f"Retrained on {len(report['evaluation_seeds'])} fresh evaluation seeds; test accuracy and loss "
+        f"mean ± 95% CI. Paired differences are against the baseline with the best validation "
+        f"accuracy ({report['best_baseline_by_val']}).",
+        "",
+        "| method | kind | train size | test acc (%) | test loss | Δ acc vs best baseline (pts) | cost (runs / s) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, m in report["methods"].items():
+        acc, loss = m["test_accuracy"], m["test_loss"]
+        diff = m.get("vs_best_baseline", {}).get("test_accuracy_diff")
+        diff_text = f"{100 * diff['mean']:+.2f} ± {100 * diff['ci']:.2f}" if diff else "-"
+        lines.append(
+            f"| {name} | {m['kind']} | {m['train_size']} | {100 * acc['mean']:.2f} ± {100 * acc['ci']:.2f} "
+            f"| {loss['mean']:.4f} ± {loss['ci']:.4f} | {diff_text} "
+            f"| {m['cost']['training_runs']:.1f} / {m['cost']['seconds']:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_report(run_dir, report: dict, title: str) -> str:
+    """``report.json`` and ``report.md`` in a run directory; returns the Markdown."""
+    text = report_markdown(report, title)
+    run_dir.write_json("report.json", report)
+    atomic_write_bytes(run_dir.path / "report.md", text.encode())
+    return text
