@@ -103,7 +103,11 @@ def eval_forward(model: nn.Module, named: Mapping[str, Tensor], x: Tensor) -> Te
     that recomputes its output as ``(x - mean) / sqrt(var + eps) · weight + bias`` from the
     differentiable ones.
     """
-    norms = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    norms = [
+        (n, m)
+        for n, m in model.named_modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None
+    ]
     if not norms:
         with _mode(model, False):
             return functional_call(model, dict(named), (x,))
