@@ -1,0 +1,871 @@
+r"""Data selection: choose a training subset of a given budget from a candidate pool.
+
+Goal (``protocols.md`` §4): given a pool of ``N`` labelled examples (possibly corrupted) and a
+budget of ``k`` examples, pick the subset ``S`` (``|S| = k``) whose model, trained with the
+frozen recipe for the same number of steps ``T``, is most accurate on the target distribution,
+represented by the validation split. The test split is read only by
+:func:`mgd.apps.protocol.evaluate`, which retrains every method's subset from scratch on fresh
+evaluation seeds.
+
+**MGD** (``method.md`` §3.3, §6). Per-example data weights ``w ∈ R^N`` enter each step's loss
+as ``(1/B) Σ_{i∈B_t} w_i ℓ_i(θ_t)``. Starting at ``w = 1``, each meta-step computes the exact
+metagradient ``∇_w φ`` of the validation cross-entropy ``φ`` of the final model by REPLAY
+(crafting seeds rotate), and takes a signed step with a Bernoulli coordinate mask (the paper's
+selection algorithm),
+
+.. math:: w \leftarrow \Pi_{[0, \infty)}\big(w - \alpha\, \mathrm{sign}(\nabla_w \varphi) \odot m\big),
+          \qquad m_i \sim \mathrm{Bernoulli}(p).
+
+The **selection** is the top-``k`` of the weights of one iterate; ties (weights move in steps of
+``α``) are broken by the mean weight along the trajectory up to that iterate. The iterate is
+chosen on validation: each iterate's top-``k`` subset is trained once (crafting seeds rotate)
+and the one with the lowest validation loss is kept. Separately, **reweighting** trains on the
+whole pool with the weights of the iterate with the best weighted validation objective; that is
+not a selection (it keeps every example, with continuous weights) and is reported as such.
+
+**Baselines** (``protocols.md`` §7; every one returns a subset of exactly ``k`` examples):
+
+* ``full``: the whole pool (not a selection; the "do nothing" reference point).
+* ``random``: ``k`` uniformly random examples.
+* ``small-loss``, ``margin``, ``el2n``: train on the pool for a fraction ``f`` of ``T`` (3
+  crafting seeds, scores averaged); keep the lowest loss, the highest margin (label logit minus
+  the best other logit), or the lowest EL2N ``‖softmax − onehot‖`` (Paul et al. 2021). ``f`` is
+  tuned on validation from ``{0.1, 0.2, 0.3}`` (one training run per value).
+* ``val-agreement``: train on the validation split only (3 crafting seeds); keep the examples
+  whose label gets the highest averaged probability. It uses exactly MGD's information.
+* ``tracin`` (Pruthi et al. 2020): ``Σ_c η ∇ℓ_i(θ_c) · Σ_v ∇ℓ_v(θ_c)`` over 10 evenly spaced
+  checkpoints of one pool run (one forward-mode JVP per checkpoint); keep the largest.
+* ``less`` (LESS-style; Xia et al. 2024): warm up on a random 5% of the pool (at least one batch)
+  with the run's own optimizer for ``T/4`` steps, 4 checkpoints; per-example gradients (no
+  random projection: the model is small), score = ``Σ_c η`` · cosine similarity with the
+  validation gradients averaged within each class, maxed over classes; keep the largest. The
+  paper uses Adam features; here the features are plain gradients of the run's optimizer.
+* ``influence`` (Koh & Liang 2017, last layer): the exact damped Hessian ``H + λI`` of the
+  pool loss with respect to the head (weights and bias) at the full-pool model, penultimate
+  features fixed; score ``s · ∇ℓ_i`` with ``s = (H + λI)^{-1} Σ_v ∇ℓ_v``, i.e. minus the
+  influence of up-weighting ``i`` on the validation loss; keep the largest. ``λ`` is tuned on
+  validation from ``{0.01, 0.1, 1}``.
+
+**References** (reported, never "the best baseline"): ``oracle`` keeps ``k`` random clean
+examples (all clean ones if fewer), using the ground truth that no method may read;
+``val-only`` trains on the validation split (if it beats every selector, the task is badly
+posed).
+
+Example:
+    >>> from mgd.config import RunConfig
+    >>> from mgd.data import load_dataset
+    >>> pool = corrupt_pool(load_dataset("digits"), label_noise=0.15, off_distribution=0.1,
+    ...                     duplicates=0.1, seed=0)
+    >>> report = run_selection(RunConfig(steps=30, width=16), pool, budget=0.5,
+    ...                        methods=["random", "small-loss", "mgd"], meta_steps=2,
+    ...                        crafting_seeds=[0, 1], eval_seeds=[100, 101])  # doctest: +SKIP
+    >>> sorted(report["methods"])  # doctest: +SKIP
+    ['mgd-reweighting', 'mgd-selection', 'random', 'small-loss']
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field, replace
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mgd.apps.protocol import Candidate, Cost, check_seeds, evaluate
+from mgd.config import Problem, RunConfig, build_problem
+from mgd.corruption import label_noise as _label_noise
+from mgd.corruption import near_duplicates
+from mgd.corruption import off_distribution as off_distribution_fn
+from mgd.data import Dataset
+from mgd.descent import Box, DescentState, SignedStep, descend
+from mgd.errors import UserError
+
+__all__ = [
+    "METHODS",
+    "CORRUPTION_PRESETS",
+    "KINDS",
+    "CorruptedPool",
+    "SelectionContext",
+    "MGDSettings",
+    "corrupt_pool",
+    "top_k",
+    "loss_scores",
+    "margin_scores",
+    "el2n_scores",
+    "agreement_scores",
+    "less_scores",
+    "last_layer_influence_scores",
+    "select_full",
+    "select_random",
+    "select_by_early_training",
+    "select_val_agreement",
+    "select_tracin",
+    "select_less",
+    "select_influence",
+    "select_oracle",
+    "train_val_only",
+    "mgd_select",
+    "run_selection",
+    "selection_markdown",
+]
+
+#: Method names accepted by :func:`run_selection` (``mgd`` yields both MGD candidates).
+METHODS = (
+    "full", "random", "small-loss", "margin", "el2n", "val-agreement", "tracin", "less",
+    "influence", "mgd", "oracle", "val-only",
+)
+#: Corruption presets: ``mixed`` is protocol S's C2 scenario, ``noisy`` its C1.
+CORRUPTION_PRESETS = {
+    "none": {"label_noise": 0.0, "off_distribution": 0.0, "duplicates": 0.0},
+    "noisy": {"label_noise": 0.3, "off_distribution": 0.0, "duplicates": 0.0},
+    "mixed": {"label_noise": 0.15, "off_distribution": 0.1, "duplicates": 0.1},
+}
+#: Codes of :attr:`CorruptedPool.kind`.
+KINDS = ("clean", "label-noise", "off-distribution", "duplicate")
+_EARLY_FRACTIONS = (0.1, 0.2, 0.3)
+_DAMPINGS = (0.01, 0.1, 1.0)
+
+
+# =========================================================================== the pool
+
+
+@dataclass(frozen=True, eq=False)
+class CorruptedPool:
+    """A dataset whose training split is the candidate pool, and what was done to it.
+
+    Attributes:
+        dataset: the dataset with the (possibly corrupted) pool as its training split.
+        kind: per pool example, an index into :data:`KINDS` (0 = clean). Ground truth for
+            diagnostics only; no method but the ``oracle`` reference reads it.
+        rates: the corruption rates and seed applied.
+    """
+
+    dataset: Dataset
+    kind: np.ndarray
+    rates: dict
+
+    @property
+    def clean(self) -> np.ndarray:
+        return self.kind == 0
+
+    def composition(self, indices: np.ndarray) -> dict:
+        """Counts per kind of the examples ``indices`` and the precision (fraction clean)."""
+        kinds = self.kind[np.asarray(indices, dtype=np.int64)]
+        counts = {name: int((kinds == code).sum()) for code, name in enumerate(KINDS)}
+        return {"precision": float(counts["clean"] / max(1, len(kinds))), "counts": counts}
+
+
+def corrupt_pool(
+    dataset: Dataset,
+    *,
+    label_noise: float = 0.0,
+    off_distribution: float = 0.0,
+    duplicates: float = 0.0,
+    seed: int = 0,
+) -> CorruptedPool:
+    """Corrupt a dataset's training split (the pool) once, with a fixed seed.
+
+    The three corruptions hit disjoint examples, in this order: ``label_noise`` (a uniformly
+    wrong label), ``off_distribution`` (permuted/inverted or noised inputs with random labels,
+    :func:`mgd.corruption.off_distribution`) and ``duplicates`` (near-copies of a few clean
+    examples, :func:`mgd.corruption.near_duplicates`). Each rate is a fraction of the whole pool;
+    validation and test splits are untouched.
+    """
+    total = label_noise + off_distribution + duplicates
+    if total >= 1.0:
+        raise UserError(f"corruption rates add up to {total:g}; they must leave some of the pool clean (< 1)")
+    x, y = dataset.x_train, dataset.y_train
+    kind = np.zeros(len(y), dtype=np.int64)
+    if label_noise:
+        y, mask = _label_noise(y, label_noise, dataset.num_classes, seed=seed)
+        kind[mask] = 1
+    if off_distribution:
+        x, y, mask = off_distribution_fn(x, y, off_distribution, dataset.num_classes, seed=seed, exclude=kind > 0)
+        kind[mask] = 2
+    if duplicates:
+        x, y, mask = near_duplicates(x, y, duplicates, seed=seed, exclude=kind > 0)
+        kind[mask] = 3
+    rates = {"label_noise": label_noise, "off_distribution": off_distribution, "duplicates": duplicates, "seed": seed}
+    return CorruptedPool(replace(dataset, x_train=np.ascontiguousarray(x), y_train=np.ascontiguousarray(y)), kind, rates)
+
+
+
+# =========================================================================== scores (pure)
+
+
+def top_k(scores: np.ndarray, k: int, *, largest: bool = True, tiebreak: np.ndarray | None = None) -> np.ndarray:
+    """Indices of the ``k`` best scores (sorted), ties broken by ``tiebreak`` then by index.
+
+    ``tiebreak`` is compared in the same direction as ``scores``.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    if not 1 <= k <= len(scores):
+        raise UserError(f"cannot keep {k} of {len(scores)} examples")
+    sign = -1.0 if largest else 1.0
+    keys = [np.arange(len(scores))]
+    if tiebreak is not None:
+        keys.append(sign * np.asarray(tiebreak, dtype=np.float64))
+    keys.append(sign * scores)
+    order = np.lexsort(keys)  # the last key is the primary one
+    return np.sort(order[:k])
+
+
+def ranking(scores: np.ndarray, *, largest: bool = True, tiebreak: np.ndarray | None = None) -> np.ndarray:
+    """All indices from most to least preferred (for precision-vs-budget diagnostics)."""
+    sign = -1.0 if largest else 1.0
+    keys = [np.arange(len(scores))]
+    if tiebreak is not None:
+        keys.append(sign * np.asarray(tiebreak, dtype=np.float64))
+    keys.append(sign * np.asarray(scores, dtype=np.float64))
+    return np.lexsort(keys)
+
+
+def loss_scores(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Per-example cross-entropy ``−log softmax(logits)_y`` (keep the *lowest*)."""
+    logits = torch.as_tensor(logits, dtype=torch.float64)
+    return F.cross_entropy(logits, torch.as_tensor(labels), reduction="none").numpy()
+
+
+def margin_scores(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Label logit minus the largest other logit (keep the *highest*)."""
+    logits = np.asarray(logits, dtype=np.float64)
+    rows = np.arange(len(labels))
+    own = logits[rows, labels]
+    others = logits.copy()
+    others[rows, labels] = -np.inf
+    return own - others.max(axis=1)
+
+
+def el2n_scores(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """EL2N, ``‖softmax(logits) − onehot(y)‖₂`` (Paul et al. 2021; keep the *lowest* on noisy pools)."""
+    probs = torch.softmax(torch.as_tensor(logits, dtype=torch.float64), dim=1).numpy()
+    probs[np.arange(len(labels)), labels] -= 1.0
+    return np.linalg.norm(probs, axis=1)
+
+
+def agreement_scores(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Probability a (validation-trained) model gives each example's label (keep the *highest*)."""
+    return np.asarray(probs, dtype=np.float64)[np.arange(len(labels)), labels]
+
+
+def less_scores(
+    train_grads: Sequence[np.ndarray | Tensor],
+    val_grads: Sequence[np.ndarray | Tensor],
+    val_labels: np.ndarray,
+    lrs: Sequence[float],
+) -> np.ndarray:
+    r"""LESS scores from per-example gradient features at several checkpoints.
+
+    .. math:: s_i = \max_c \sum_j \eta_j \, \hat g_{ij} \cdot \frac{1}{|V_c|}\sum_{v \in V_c} \hat g_{vj},
+              \qquad \hat g = g / \lVert g \rVert,
+
+    i.e. the learning-rate-weighted cosine similarity with the validation examples of class
+    ``c`` (a "subtask"), maxed over classes (Xia et al. 2024, Eq. 2).
+
+    Args:
+        train_grads: per checkpoint, an ``(N, P)`` array of pool gradient features.
+        val_grads: per checkpoint, an ``(M, P)`` array of validation gradients.
+        val_labels: the ``M`` validation labels (subtasks).
+        lrs: per checkpoint, the learning rate ``η_j``.
+    """
+    classes = np.unique(val_labels)
+    total = None
+    for g_train, g_val, lr in zip(train_grads, val_grads, lrs):
+        g_train = torch.as_tensor(g_train, dtype=torch.float64)
+        g_val = torch.as_tensor(g_val, dtype=torch.float64)
+        unit_train = g_train / g_train.norm(dim=1, keepdim=True).clamp_min(1e-30)
+        unit_val = g_val / g_val.norm(dim=1, keepdim=True).clamp_min(1e-30)
+        labels = torch.as_tensor(val_labels)
+        centroids = torch.stack([unit_val[labels == c].mean(dim=0) for c in classes])  # (C, P)
+        part = lr * (unit_train @ centroids.T)  # (N, C)
+        total = part if total is None else total + part
+    return total.max(dim=1).values.numpy()
+
+
+def last_layer_influence_scores(
+    weight: Tensor,
+    bias: Tensor,
+    pool_features: Tensor,
+    pool_labels: Tensor,
+    val_features: Tensor,
+    val_labels: Tensor,
+    *,
+    damping: float,
+    logit_scale: float = 1.0,
+) -> np.ndarray:
+    r"""Influence-function scores restricted to a linear softmax head (exact damped Hessian).
+
+    With head parameters ``u = (W, b)`` and features ``φ̃ = (φ, 1)``, logits are
+    ``s (W φ + b)``; the per-example gradient is ``s (p − e_y) ⊗ φ̃`` and the Hessian of the mean
+    pool loss is ``s² mean_i (diag p_i − p_i p_iᵀ) ⊗ φ̃_i φ̃_iᵀ``. The score is
+
+    .. math:: \mathrm{score}_i = s^\top \nabla_u \ell_i, \qquad s = (H + \lambda I)^{-1} \sum_{v} \nabla_u \ell_v,
+
+    which is minus Koh & Liang's influence of up-weighting ``i`` on the validation loss: a large
+    score means training more on ``i`` lowers the validation loss. Keep the *highest*.
+    """
+    dtype = torch.float64
+
+    def augmented(f: Tensor) -> Tensor:
+        f = f.to(dtype)
+        return torch.cat([f, torch.ones(len(f), 1, dtype=dtype)], dim=1)
+
+    def grads_and_probs(f: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        logits = logit_scale * (f @ torch.cat([weight, bias[:, None]], dim=1).to(dtype).T)
+        probs = torch.softmax(logits, dim=1)
+        residual = probs - F.one_hot(y, probs.shape[1]).to(dtype)
+        return logit_scale * torch.einsum("nc,nd->ncd", residual, f).reshape(len(f), -1), probs
+
+    fp, fv = augmented(pool_features), augmented(val_features)
+    pool_grads, probs = grads_and_probs(fp, pool_labels)
+    val_grads, _ = grads_and_probs(fv, val_labels)
+    curvature = torch.diag_embed(probs) - probs[:, :, None] * probs[:, None, :]  # (N, C, C)
+    c, d = probs.shape[1], fp.shape[1]
+    hessian = logit_scale**2 * torch.einsum("nab,ni,nj->aibj", curvature, fp, fp).reshape(c * d, c * d) / len(fp)
+    s = torch.linalg.solve(hessian + damping * torch.eye(c * d, dtype=dtype), val_grads.sum(dim=0))
+    return (pool_grads @ s).numpy()
+
+
+# =========================================================================== training helpers
+
+
+@dataclass
+class SelectionContext:
+    """What every selection method gets: the recipe, the pool, the budget, the crafting seeds.
+
+    ``run_seconds`` is the measured time of one training run of the recipe on the pool, the
+    unit of the "training-run equivalents" reported as cost.
+    """
+
+    config: RunConfig
+    pool: CorruptedPool
+    k: int
+    crafting_seeds: Sequence[int]
+    run_seconds: float = float("nan")
+
+    @property
+    def dataset(self) -> Dataset:
+        return self.pool.dataset
+
+    def problem(self, x: np.ndarray, y: np.ndarray, seed: int, *, steps: int | None = None) -> Problem:
+        """The recipe's run on training set ``(x, y)`` (validation and test untouched)."""
+        changes = {"seed": seed, "label_noise": 0.0, "batch_size": min(self.config.batch_size, len(y))}
+        if steps is not None:
+            changes["steps"] = max(1, steps)
+        cfg = RunConfig(**{**self.config.to_dict(), **changes})
+        return build_problem(cfg, dataset=replace(self.dataset, x_train=x, y_train=y))
+
+    def pool_problem(self, seed: int, *, steps: int | None = None) -> Problem:
+        return self.problem(self.dataset.x_train, self.dataset.y_train, seed, steps=steps)
+
+    def subset_val_loss(self, indices: np.ndarray, seed: int, meta: Mapping[str, Tensor] | None = None) -> dict:
+        """Train on the pool subset ``indices`` with ``seed``; validation loss and accuracy."""
+        problem = self.problem(self.dataset.x_train[indices], self.dataset.y_train[indices], seed)
+        final = problem.trainer.run(meta or {})
+        with torch.no_grad():
+            logits = problem.trainer.predict(final.params, final.buffers, problem.x_val)
+            loss = float(F.cross_entropy(logits.double(), problem.y_val))
+            acc = float((logits.argmax(1) == problem.y_val).double().mean())
+        return {"val_loss": loss, "val_accuracy": acc}
+
+    def candidate(self, name: str, indices: np.ndarray, started: float, *, kind: str = "baseline",
+                  order: np.ndarray | None = None, info: dict | None = None) -> Candidate:
+        """A subset candidate with its cost (since ``started``) and diagnostics."""
+        indices = np.sort(np.asarray(indices, dtype=np.int64))
+        seconds = time.perf_counter() - started
+        diagnostics = {"selection": "subset", **self.pool.composition(indices), **(info or {})}
+        if order is not None:
+            diagnostics["order"] = np.asarray(order, dtype=np.int64)  # stored as an array, not in JSON
+        return Candidate(
+            name,
+            x_train=self.dataset.x_train[indices],
+            y_train=self.dataset.y_train[indices],
+            cost=Cost(seconds, seconds / self.run_seconds if self.run_seconds > 0 else float("nan")),
+            kind=kind,
+            info=diagnostics,
+        )
+
+
+def _predict_numpy(problem: Problem, state, x: Tensor) -> np.ndarray:
+    with torch.no_grad():
+        return problem.trainer.predict(state.params, state.buffers, x).double().cpu().numpy()
+
+
+def _pool_tensor(problem: Problem) -> tuple[Tensor, Tensor]:
+    return problem.trainer.x_train, problem.trainer.y_train
+
+
+# =========================================================================== baselines
+
+
+def select_full(ctx: SelectionContext) -> Candidate:
+    """The whole pool (not a selection: its size is ``N``, not ``k``)."""
+    started = time.perf_counter()
+    candidate = ctx.candidate("full", np.arange(len(ctx.dataset.y_train)), started)
+    candidate.info["selection"] = "whole pool"
+    return candidate
+
+
+def select_random(ctx: SelectionContext) -> Candidate:
+    """``k`` uniformly random pool examples (first crafting seed)."""
+    started = time.perf_counter()
+    rng = np.random.default_rng([ctx.crafting_seeds[0], 0x5E1])
+    order = rng.permutation(len(ctx.dataset.y_train))
+    return ctx.candidate("random", order[: ctx.k], started, order=order)
+
+
+_EARLY_SCORES = {  # name -> (score function, keep the largest?)
+    "small-loss": (loss_scores, False),
+    "margin": (margin_scores, True),
+    "el2n": (el2n_scores, False),
+}
+
+
+def early_logits(ctx: SelectionContext, fractions: Sequence[float], seeds: Sequence[int]) -> dict[float, np.ndarray]:
+    """Pool logits after ``round(f · T)`` steps for each fraction, averaged over seeds."""
+    steps = {f: max(1, int(round(f * ctx.config.steps))) for f in fractions}
+    sums: dict[float, np.ndarray] = {}
+    for seed in seeds:
+        problem = ctx.pool_problem(seed)
+        x_pool, _ = _pool_tensor(problem)
+        state = None
+        for f in sorted(fractions):
+            state = problem.trainer.run(state=state, until=steps[f])
+            logits = _predict_numpy(problem, state, x_pool)
+            sums[f] = logits if f not in sums else sums[f] + logits
+    return {f: s / len(seeds) for f, s in sums.items()}
+
+
+def select_by_early_training(
+    ctx: SelectionContext, methods: Sequence[str], *, fractions: Sequence[float] = _EARLY_FRACTIONS
+) -> list[Candidate]:
+    """``small-loss``, ``margin`` and ``el2n`` from one set of early-training runs.
+
+    The pool is trained on for ``f · T`` steps with 3 crafting seeds (logits averaged). For each
+    method and each ``f`` the top-``k`` subset is trained once (crafting seed 0) and the ``f``
+    with the best validation accuracy (then loss) is kept: a tuning budget of
+    ``len(fractions)`` training runs per method, on validation only.
+    """
+    started = time.perf_counter()
+    logits = early_logits(ctx, fractions, list(ctx.crafting_seeds[:3]))
+    shared = time.perf_counter() - started
+    y = ctx.dataset.y_train
+    out = []
+    for name in methods:
+        method_started = time.perf_counter() - shared / len(methods)
+        score_fn, largest = _EARLY_SCORES[name]
+        trials = []
+        for f in fractions:
+            scores = score_fn(logits[f], y)
+            indices = top_k(scores, ctx.k, largest=largest)
+            val = ctx.subset_val_loss(indices, ctx.crafting_seeds[0])
+            trials.append((f, scores, indices, val))
+        f, scores, indices, _ = max(trials, key=lambda t: (t[3]["val_accuracy"], -t[3]["val_loss"]))
+        tuning = {str(t[0]): t[3] for t in trials}
+        out.append(ctx.candidate(
+            name, indices, method_started, order=ranking(scores, largest=largest),
+            info={"hyperparameters": {"train_fraction": f}, "tuning_on_val": tuning},
+        ))
+    return out
+
+
+def select_val_agreement(ctx: SelectionContext) -> Candidate:
+    """Train on validation only (3 crafting seeds, the recipe's ``T``); keep the pool examples
+    whose label gets the highest averaged probability. No hyperparameter is tuned."""
+    started = time.perf_counter()
+    ds = ctx.dataset
+    probs = 0.0
+    seeds = list(ctx.crafting_seeds[:3])
+    for seed in seeds:
+        problem = ctx.problem(ds.x_val, ds.y_val, seed)
+        final = problem.trainer.run()
+        x_pool = torch.as_tensor(ds.x_train, dtype=problem.x_val.dtype, device=problem.x_val.device)
+        probs = probs + torch.softmax(torch.as_tensor(_predict_numpy(problem, final, x_pool)), dim=1).numpy()
+    scores = agreement_scores(probs / len(seeds), ds.y_train)
+    return ctx.candidate("val-agreement", top_k(scores, ctx.k), started, order=ranking(scores))
+
+
+def _loss_vector(problem: Problem, buffers: Tensor, x: Tensor, y: Tensor) -> Callable[[Tensor], Tensor]:
+    trainer = problem.trainer
+    return lambda params: F.cross_entropy(trainer.predict(params, buffers, x), y, reduction="none")
+
+
+def _val_gradient(problem: Problem, params: Tensor, buffers: Tensor) -> Tensor:
+    params = params.detach().requires_grad_(True)
+    with torch.enable_grad():
+        loss = _loss_vector(problem, buffers, problem.x_val, problem.y_val)(params).sum()
+        (grad,) = torch.autograd.grad(loss, params)
+    return grad
+
+
+def _checkpoints(problem: Problem, count: int, *, steps: int | None = None) -> list:
+    """States at ``count`` evenly spaced steps of one run (the last is the final state)."""
+    total = problem.trainer.steps if steps is None else steps
+    marks = sorted({max(1, int(round(total * (j + 1) / count))) for j in range(count)})
+    states, state = [], None
+    for mark in marks:
+        state = problem.trainer.run(state=state, until=mark)
+        states.append(state)
+    return states
+
+
+def select_tracin(ctx: SelectionContext, *, checkpoints: int = 10) -> Candidate:
+    """TracIn with ``checkpoints`` evenly spaced checkpoints of one pool run (seed 0, fixed
+    a priori). ``∇ℓ_i · G`` for all ``i`` is one forward-mode JVP along ``G = Σ_v ∇ℓ_v``."""
+    started = time.perf_counter()
+    problem = ctx.pool_problem(ctx.crafting_seeds[0])
+    x_pool, y_pool = _pool_tensor(problem)
+    scores = np.zeros(len(y_pool))
+    for state in _checkpoints(problem, checkpoints):
+        direction = _val_gradient(problem, state.params, state.buffers)
+        _, dots = torch.func.jvp(_loss_vector(problem, state.buffers, x_pool, y_pool), (state.params.detach(),), (direction,))
+        scores += ctx.config.lr * dots.double().cpu().numpy()
+    return ctx.candidate("tracin", top_k(scores, ctx.k), started, order=ranking(scores),
+                         info={"hyperparameters": {"checkpoints": checkpoints}})
+
+
+def _per_example_grads(problem: Problem, params: Tensor, buffers: Tensor, x: Tensor, y: Tensor, chunk: int = 256) -> Tensor:
+    trainer = problem.trainer
+
+    def one(p: Tensor, xi: Tensor, yi: Tensor) -> Tensor:
+        return F.cross_entropy(trainer.predict(p, buffers, xi[None]), yi[None])
+
+    per_example = torch.func.vmap(torch.func.grad(one), in_dims=(None, 0, 0))
+    params = params.detach()
+    return torch.cat([per_example(params, x[i : i + chunk], y[i : i + chunk]) for i in range(0, len(y), chunk)])
+
+
+def select_less(ctx: SelectionContext, *, warmup_fraction: float = 0.05, checkpoints: int = 4) -> Candidate:
+    """LESS-style selection (see the module doc). Warm-up: a random ``warmup_fraction`` of the
+    pool (at least one batch), ``T/4`` steps, ``checkpoints`` checkpoints; fixed a priori."""
+    started = time.perf_counter()
+    ds = ctx.dataset
+    n = len(ds.y_train)
+    rng = np.random.default_rng([ctx.crafting_seeds[0], 0x1E55])
+    size = min(n, max(int(round(warmup_fraction * n)), ctx.config.batch_size))
+    warm = np.sort(rng.choice(n, size=size, replace=False))
+    problem = ctx.problem(ds.x_train[warm], ds.y_train[warm], ctx.crafting_seeds[0], steps=max(checkpoints, ctx.config.steps // 4))
+    x_pool = torch.as_tensor(ds.x_train, dtype=problem.x_val.dtype, device=problem.x_val.device)
+    y_pool = torch.as_tensor(ds.y_train, device=problem.x_val.device)
+    train_grads, val_grads = [], []
+    for state in _checkpoints(problem, checkpoints):
+        train_grads.append(_per_example_grads(problem, state.params, state.buffers, x_pool, y_pool))
+        val_grads.append(_per_example_grads(problem, state.params, state.buffers, problem.x_val, problem.y_val))
+    scores = less_scores(train_grads, val_grads, ds.y_val, [ctx.config.lr] * len(train_grads))
+    return ctx.candidate("less", top_k(scores, ctx.k), started, order=ranking(scores),
+                         info={"hyperparameters": {"warmup_examples": int(size), "checkpoints": checkpoints,
+                                                   "warmup_steps": problem.trainer.steps}})
+
+
+def _head_and_features(problem: Problem, state, x: Tensor) -> tuple[Tensor, Tensor, Tensor, float]:
+    """The last linear layer's weight and bias, its inputs on ``x``, and the logit scale."""
+    model = problem.model
+    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    if not linears:
+        raise UserError("last-layer influence needs a model whose head is a linear layer")
+    name, head = linears[-1]
+    scale = float(getattr(model[-1], "factor", 1.0)) if isinstance(model, torch.nn.Sequential) else 1.0
+    captured = []
+    handle = head.register_forward_hook(lambda module, args, output: captured.append(args[0].detach()))
+    try:
+        problem.trainer.predict(state.params.detach(), state.buffers.detach(), x)
+    finally:
+        handle.remove()
+    named = problem.trainer.named_tensors(state.params.detach(), state.buffers.detach())
+    return named[f"{name}.weight"], named[f"{name}.bias"], captured[0], scale
+
+
+def select_influence(ctx: SelectionContext, *, dampings: Sequence[float] = _DAMPINGS) -> Candidate:
+    """Last-layer influence functions at the full-pool model (seed 0); the damping ``λ`` is
+    tuned on validation (one training run of the top-``k`` subset per value)."""
+    started = time.perf_counter()
+    problem = ctx.pool_problem(ctx.crafting_seeds[0])
+    final = problem.trainer.run()
+    x_pool, y_pool = _pool_tensor(problem)
+    with torch.no_grad():
+        weight, bias, pool_features, scale = _head_and_features(problem, final, x_pool)
+        _, _, val_features, _ = _head_and_features(problem, final, problem.x_val)
+    trials = []
+    for damping in dampings:
+        scores = last_layer_influence_scores(weight, bias, pool_features, y_pool, val_features, problem.y_val,
+                                             damping=damping, logit_scale=scale)
+        indices = top_k(scores, ctx.k)
+        trials.append((damping, scores, indices, ctx.subset_val_loss(indices, ctx.crafting_seeds[0])))
+    damping, scores, indices, _ = max(trials, key=lambda t: (t[3]["val_accuracy"], -t[3]["val_loss"]))
+    return ctx.candidate("influence", indices, started, order=ranking(scores),
+                         info={"hyperparameters": {"damping": damping},
+                               "tuning_on_val": {str(t[0]): t[3] for t in trials}})
+
+
+def select_oracle(ctx: SelectionContext) -> Candidate:
+    """Reference: ``k`` random *clean* examples (all of them if fewer), by the ground truth."""
+    started = time.perf_counter()
+    rng = np.random.default_rng([ctx.crafting_seeds[0], 0x0AC])
+    clean = rng.permutation(np.flatnonzero(ctx.pool.clean))
+    return ctx.candidate("oracle", clean[: ctx.k], started, kind="reference")
+
+
+def train_val_only(ctx: SelectionContext) -> Candidate:
+    """Reference: train on the validation split alone (its validation numbers are meaningless)."""
+    return Candidate("val-only", x_train=ctx.dataset.x_val, y_train=ctx.dataset.y_val, kind="reference",
+                     info={"selection": "validation split, not the pool"})
+
+
+# =========================================================================== MGD
+
+
+@dataclass(frozen=True)
+class MGDSettings:
+    """MGD's hyperparameters (tuned on validation only; see ``docs/select.md``)."""
+
+    meta_steps: int = 20
+    step_size: float = 0.2
+    mask_prob: float = 0.5
+    replay_k: int | None = None
+
+    def to_dict(self) -> dict:
+        return {"meta_steps": self.meta_steps, "step_size": self.step_size, "mask_prob": self.mask_prob,
+                "replay_k": self.replay_k}
+
+
+def mgd_select(
+    ctx: SelectionContext,
+    settings: MGDSettings = MGDSettings(),
+    *,
+    progress: Callable[[str, int], None] | None = None,
+) -> tuple[Candidate, Candidate, list[dict]]:
+    """MGD on per-example data weights, then a top-``k`` selection (see the module doc).
+
+    Returns:
+        ``(selection, reweighting, history)``: the top-``k`` subset of the iterate whose subset
+        has the lowest validation loss; the whole pool with the weights of the iterate with the
+        best weighted validation objective (a reweighting, not a selection); and per meta-step
+        records (validation objective, the subset's validation loss, mean weight per corruption
+        kind as a diagnostic).
+    """
+    started = time.perf_counter()
+    seeds = list(ctx.crafting_seeds)
+    base = ctx.pool_problem(seeds[0])
+    z0 = {"data_weights": torch.ones(len(ctx.dataset.y_train), dtype=base.trainer.dtype)}
+    iterates: list[np.ndarray] = []
+    history: list[dict] = []
+
+    def make_trainer(seed: int):
+        problem = ctx.pool_problem(seed)
+        return problem.trainer, problem.val_objective()
+
+    def on_step(record, state: DescentState) -> None:
+        w = record.iterate["data_weights"].detach().cpu().numpy().astype(np.float64)
+        iterates.append(w)
+        entry = {"step": record.step, "seed": record.seed, "val_objective": record.value,
+                 "seconds": record.seconds}
+        entry["mean_weight_by_kind"] = {  # ground truth: diagnostics only
+            name: float(w[ctx.pool.kind == code].mean()) for code, name in enumerate(KINDS)
+            if (ctx.pool.kind == code).any()
+        }
+        history.append(entry)
+
+    optimizer = SignedStep(settings.step_size, settings.mask_prob, mask_seed=seeds[0])
+    state = descend(make_trainer, z0, optimizer=optimizer, projections={"data_weights": Box(0.0, None)},
+                    steps=settings.meta_steps, seeds=seeds, k=settings.replay_k, on_step=on_step, progress=progress)
+    mgd_seconds = time.perf_counter() - started
+
+    # Choose the iterate for selection on validation: train each iterate's top-k subset once.
+    trajectory = np.cumsum(np.stack(iterates), axis=0)
+    subsets = []
+    for i, w in enumerate(iterates):
+        indices = top_k(w, ctx.k, tiebreak=trajectory[i] / (i + 1))
+        val = ctx.subset_val_loss(indices, seeds[i % len(seeds)])
+        history[i]["subset_val_loss"], history[i]["subset_val_accuracy"] = val["val_loss"], val["val_accuracy"]
+        history[i]["subset_precision"] = ctx.pool.composition(indices)["precision"]
+        subsets.append(indices)
+    chosen = min(range(len(iterates)), key=lambda i: (history[i]["subset_val_loss"], i))
+    selection = ctx.candidate(
+        "mgd-selection", subsets[chosen], started, kind="mgd",
+        order=ranking(iterates[chosen], tiebreak=trajectory[chosen] / (chosen + 1)),
+        info={"chosen_iterate": chosen, "hyperparameters": settings.to_dict()},
+    )
+    weights = state.best_z["data_weights"].detach().cpu().numpy().astype(np.float64)
+    reweighting = Candidate(
+        "mgd-reweighting", meta={"data_weights": weights},
+        cost=Cost(mgd_seconds, mgd_seconds / ctx.run_seconds if ctx.run_seconds > 0 else float("nan")),
+        kind="mgd",
+        info={"selection": "reweighting (whole pool, continuous weights; not a subset)",
+              "chosen_iterate": state.best_step, "hyperparameters": settings.to_dict(),
+              "mean_weight_by_kind": history[state.best_step]["mean_weight_by_kind"]},
+    )
+    return selection, reweighting, history
+
+
+# =========================================================================== the whole run
+
+
+def _check_pool(pool: CorruptedPool, budget: float) -> int:
+    if not (isinstance(budget, (int, float)) and 0.0 < budget <= 1.0):
+        raise UserError(f"the budget must be a fraction in (0, 1] of the pool, got {budget}")
+    n = len(pool.dataset.y_train)
+    k = int(round(budget * n))
+    if k < 1:
+        raise UserError(f"a budget of {budget:g} keeps no example of a pool of {n}; raise the budget")
+    if len(np.unique(pool.dataset.y_train)) < 2:
+        raise UserError("the pool needs examples of at least 2 classes")
+    return k
+
+
+def resolve_methods(methods: Sequence[str]) -> list[str]:
+    """Validate a method list (order kept, duplicates dropped)."""
+    methods = [m.strip() for m in methods if m.strip()]
+    if not methods:
+        raise UserError(f"no methods given; choose from {', '.join(METHODS)}")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise UserError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    return list(dict.fromkeys(methods))
+
+
+def candidate_names(method: str) -> list[str]:
+    return ["mgd-selection", "mgd-reweighting"] if method == "mgd" else [method]
+
+
+def run_selection(
+    config: RunConfig,
+    pool: CorruptedPool,
+    *,
+    budget: float = 0.5,
+    methods: Sequence[str] = METHODS,
+    mgd: MGDSettings = MGDSettings(),
+    crafting_seeds: Sequence[int] = (0, 1, 2, 3, 4),
+    eval_seeds: Sequence[int] = tuple(range(100, 110)),
+    finished: Mapping[str, Candidate] | None = None,
+    on_candidate: Callable[[Candidate], None] | None = None,
+    progress: Callable[[str, int], None] | None = None,
+) -> dict:
+    """Run every method, then evaluate all candidates with :func:`mgd.apps.protocol.evaluate`.
+
+    Args:
+        config: the frozen recipe (its ``label_noise`` must be 0: corrupt the pool instead).
+        pool: from :func:`corrupt_pool` (rates 0 for a user's own pool).
+        budget: ``k / N``, in ``(0, 1]``.
+        methods: names from :data:`METHODS`.
+        mgd: MGD's settings.
+        crafting_seeds, eval_seeds: disjoint seed lists.
+        finished: candidates already produced (resume); their methods are not rerun.
+        on_candidate: called with each new candidate (e.g. to save it).
+        progress: ``(phase, n)`` callback.
+
+    Returns:
+        The protocol report plus a ``selection`` section (budget, ``k``, corruption, MGD
+        history, per-method precision and composition, precision vs budget).
+    """
+    methods = resolve_methods(methods)
+    crafting_seeds = list(crafting_seeds)
+    if not crafting_seeds:
+        raise UserError("need at least one crafting seed")
+    check_seeds(crafting_seeds, list(eval_seeds))
+    if config.label_noise:
+        raise UserError("corrupt the pool with corrupt_pool (--label-noise of mgd select), not RunConfig.label_noise")
+    k = _check_pool(pool, budget)
+    ctx = SelectionContext(config, pool, k, crafting_seeds)
+    started = time.perf_counter()
+    ctx.pool_problem(crafting_seeds[0]).trainer.run()  # warm-up (thread pools, allocations)
+    t0 = time.perf_counter()
+    ctx.pool_problem(crafting_seeds[0]).trainer.run()
+    ctx.run_seconds = time.perf_counter() - t0
+
+    done = dict(finished or {})
+    history: list[dict] = []
+
+    def add(candidate: Candidate) -> None:
+        done[candidate.name] = candidate
+        if on_candidate is not None:
+            on_candidate(candidate)
+        if progress is not None:
+            progress("methods", 1)
+
+    simple = {"full": select_full, "random": select_random, "val-agreement": select_val_agreement,
+              "tracin": select_tracin, "less": select_less, "influence": select_influence,
+              "oracle": select_oracle, "val-only": train_val_only}
+    early = [m for m in methods if m in _EARLY_SCORES and m not in done]
+    if early:
+        for candidate in select_by_early_training(ctx, early):
+            add(candidate)
+    for method in methods:
+        if all(name in done for name in candidate_names(method)):
+            continue
+        if method == "mgd":
+            selection, reweighting, history = mgd_select(ctx, mgd, progress=progress)
+            selection.info["history"] = history
+            add(selection)
+            add(reweighting)
+        else:
+            add(simple[method](ctx))
+    candidates = [done[name] for m in methods for name in candidate_names(m)]
+    crafting_seconds = time.perf_counter() - started
+
+    orders = {name: c.info.get("order") for name, c in done.items()}
+    if "mgd-selection" in done:
+        history = done["mgd-selection"].info.get("history", history)
+    for candidate in candidates:  # rankings and histories are diagnostics, not table entries
+        candidate.info = {key: v for key, v in candidate.info.items() if key not in ("order", "history")}
+    report = evaluate(config, pool.dataset, candidates, list(eval_seeds), progress=progress)
+    report["selection"] = {
+        "budget": budget,
+        "k": k,
+        "pool_size": len(pool.dataset.y_train),
+        "corruption": pool.rates,
+        "pool_composition": pool.composition(np.arange(len(pool.kind))),
+        "crafting_seeds": crafting_seeds,
+        "crafting_seconds": crafting_seconds,
+        "training_run_seconds": ctx.run_seconds,
+        "mgd": mgd.to_dict() if "mgd" in methods else None,
+        "mgd_history": history,
+        "precision_vs_budget": precision_vs_budget(pool, {n: o for n, o in orders.items() if o is not None}),
+    }
+    return report
+
+
+def precision_vs_budget(pool: CorruptedPool, orders: Mapping[str, np.ndarray],
+                        budgets: Sequence[float] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)) -> dict:
+    """Fraction clean among each method's top ``b · N`` (diagnostic; from one ranking per
+    method, whose hyperparameters were tuned at the run's budget only)."""
+    n = len(pool.kind)
+    return {
+        name: {str(b): float(pool.clean[np.asarray(order)[: max(1, int(round(b * n)))]].mean()) for b in budgets}
+        for name, order in orders.items()
+    }
+
+
+def selection_markdown(report: dict) -> str:
+    """The diagnostics table: precision and composition of each kept set, chosen hyperparameters."""
+    sel = report["selection"]
+    rates = sel["corruption"]
+    lines = [
+        "",
+        f"Pool of {sel['pool_size']}, budget {sel['budget']:g} (k = {sel['k']}); corruption: label noise "
+        f"{rates['label_noise']:g}, off-distribution {rates['off_distribution']:g}, duplicates "
+        f"{rates['duplicates']:g} (seed {rates['seed']}). Precision (fraction clean) is a diagnostic from "
+        "the ground truth, which no method reads; test numbers come only from the retraining above.",
+        "",
+        "| method | what is trained | precision | clean / label-noise / off-dist / duplicate | tuned on val |",
+        "|---|---|---|---|---|",
+    ]
+    for name, m in report["methods"].items():
+        info = m["info"]
+        counts = info.get("counts")
+        comp = " / ".join(str(counts[k]) for k in KINDS) if counts else "-"
+        prec = f"{100 * info['precision']:.1f}%" if "precision" in info else "-"
+        if "mean_weight_by_kind" in info:
+            comp = "mean weight " + " / ".join(f"{v:.2f}" for v in info["mean_weight_by_kind"].values())
+        hyper = info.get("hyperparameters", {})
+        hyper_text = ", ".join(f"{k}={v}" for k, v in hyper.items() if v is not None) or "-"
+        if "chosen_iterate" in info:
+            hyper_text += f"; iterate {info['chosen_iterate']}"
+        lines.append(f"| {name} | {info.get('selection', '-')} | {prec} | {comp} | {hyper_text} |")
+    lines.append("")
+    lines.append(f"Crafting (all methods): {sel['crafting_seconds']:.1f} s; one training run of the recipe on "
+                 f"the pool: {sel['training_run_seconds']:.2f} s (the unit of the cost column).")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,233 @@
+"""``mgd select``: choose a training subset of a budget from a (corrupted) pool; MGD vs baselines.
+
+Parses flags and dispatches to :func:`mgd.apps.select.run_selection`; see that module for the
+methods and ``docs/select.md`` for results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import numpy as np
+
+from mgd.apps.protocol import Candidate, Cost, write_report
+from mgd.apps.select import (
+    CORRUPTION_PRESETS,
+    KINDS,
+    METHODS,
+    MGDSettings,
+    corrupt_pool,
+    resolve_methods,
+    run_selection,
+    selection_markdown,
+)
+from mgd.cli.common import (
+    add_replay_k_flag,
+    add_run_flags,
+    config_from_args,
+    configure_torch,
+    non_negative_int,
+    positive_float,
+    progress_bars,
+    seed_list,
+)
+from mgd.data import load_dataset
+from mgd.errors import UserError
+from mgd.io import atomic_write_bytes, load_npz
+from mgd.plots import pyplot, save_figure
+from mgd.runs import RunDirectory
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction, got {text!r}") from None
+    return value  # range checked with a one-line UserError in run()
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "select",
+        help="choose a training subset of a budget from a (corrupted) pool: MGD vs baselines",
+        description="Pick k = budget x N examples of the training pool to maximise validation "
+        "accuracy, by MGD (per-example weights, signed metagradient steps, then the top k) and by "
+        "baselines (random, small-loss, margin, EL2N, val-agreement, TracIn, LESS-style, last-layer "
+        "influence); references: the full pool, the oracle clean subset, val-only training. Every "
+        "subset is retrained on fresh evaluation seeds and read on test once. Writes report.json, "
+        "report.md, precision.png and mgd_progress.png.",
+    )
+    add_run_flags(parser)
+    parser.set_defaults(label_noise=None)  # None: take it from --corruption
+    c = parser.add_argument_group("pool and budget")
+    c.add_argument("--budget", type=_fraction, default=0.5,
+                   help="subset size as a fraction in (0, 1] of the pool (default: %(default)s)")
+    c.add_argument("--corruption", choices=sorted(CORRUPTION_PRESETS), default="none",
+                   help="preset: mixed = 15%% label noise + 10%% off-distribution + 10%% near-duplicates; "
+                        "noisy = 30%% label noise (default: %(default)s). The rate flags override it.")
+    c.add_argument("--off-distribution", type=_fraction, metavar="RATE",
+                   help="fraction of the pool replaced by off-distribution inputs with random labels")
+    c.add_argument("--duplicates", type=_fraction, metavar="RATE",
+                   help="fraction of the pool overwritten by near-copies of a few examples")
+    c.add_argument("--corruption-seed", type=int, default=0, help="(default: %(default)s)")
+    m = parser.add_argument_group("methods")
+    m.add_argument("--methods", default=",".join(METHODS),
+                   help="comma list of methods to run (default: all: %(default)s)")
+    m.add_argument("--meta-steps", type=non_negative_int, default=MGDSettings().meta_steps,
+                   help="MGD meta-steps (default: %(default)s)")
+    m.add_argument("--meta-lr", type=positive_float, default=MGDSettings().step_size,
+                   help="MGD signed step size on the weights (default: %(default)s)")
+    m.add_argument("--mask-prob", type=float, default=MGDSettings().mask_prob,
+                   help="probability that a weight is updated at a meta-step (default: %(default)s)")
+    m.add_argument("--crafting-seeds", type=seed_list, default=[0, 1, 2, 3, 4],
+                   help="seeds for MGD and the baselines (default: 0,1,2,3,4)")
+    m.add_argument("--eval-seeds", type=seed_list, default=list(range(100, 110)),
+                   help="fresh seeds for the final retraining (default: 100-109)")
+    add_replay_k_flag(m)
+    parser.add_argument("--out", default="runs/select", help="new run directory (default: %(default)s)")
+    parser.add_argument("--resume", metavar="DIR", help="continue the run in DIR (finished methods are kept)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or summary")
+    parser.set_defaults(run=run)
+
+
+def _rates(args: argparse.Namespace) -> dict:
+    rates = dict(CORRUPTION_PRESETS[args.corruption])
+    for key, value in (("label_noise", args.label_noise), ("off_distribution", args.off_distribution),
+                       ("duplicates", args.duplicates)):
+        if value is not None:
+            if not 0.0 <= value < 1.0:
+                raise UserError(f"--{key.replace('_', '-')} must be in [0, 1), got {value}")
+            rates[key] = value
+    return rates
+
+
+def _save_candidate(run_dir: RunDirectory, candidate: Candidate) -> None:
+    arrays = {f"meta/{k}": np.asarray(v) for k, v in candidate.meta.items()}
+    for key in ("x_train", "y_train"):
+        if getattr(candidate, key) is not None:
+            arrays[key] = getattr(candidate, key)
+    if candidate.info.get("order") is not None:
+        arrays["order"] = candidate.info["order"]
+    run_dir.write_npz(f"candidates/{candidate.name}.npz", arrays)
+    info = {k: v for k, v in candidate.info.items() if k != "order"}
+    run_dir.write_json(f"candidates/{candidate.name}.json",
+                       {"name": candidate.name, "kind": candidate.kind, "cost": candidate.cost.to_dict(), "info": info})
+
+
+def _load_candidates(run_dir: RunDirectory) -> dict[str, Candidate]:
+    import json
+
+    folder = run_dir.path / "candidates"
+    found = {}
+    if not folder.is_dir():
+        return found
+    for path in sorted(folder.glob("*.json")):
+        npz = path.with_suffix(".npz")
+        if not npz.is_file():
+            continue  # interrupted between the two writes: rerun that method
+        saved = json.loads(path.read_text())
+        arrays = load_npz(npz, what=f"--resume {run_dir.path}")
+        info = dict(saved["info"])
+        if "order" in arrays:
+            info["order"] = arrays["order"]
+        found[saved["name"]] = Candidate(
+            saved["name"], x_train=arrays.get("x_train"), y_train=arrays.get("y_train"),
+            meta={k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("meta/")},
+            cost=Cost(**saved["cost"]), kind=saved["kind"], info=info,
+        )
+    return found
+
+
+def run(args: argparse.Namespace) -> int:
+    if not 0.0 < args.budget <= 1.0:
+        raise UserError(f"--budget must be a fraction in (0, 1] of the pool, got {args.budget}")
+    if not 0.0 < args.mask_prob <= 1.0:
+        raise UserError(f"--mask-prob must be in (0, 1], got {args.mask_prob}")
+    if args.noise_seed != 0:
+        raise UserError("use --corruption-seed to seed the pool corruption (--noise-seed is not used by mgd select)")
+    methods = resolve_methods(args.methods.split(","))
+    rates = _rates(args)
+    configure_torch(args)
+    args.label_noise = 0.0  # the pool is corrupted here, not by the training recipe
+    config = config_from_args(args)
+    settings = MGDSettings(args.meta_steps, args.meta_lr, args.mask_prob, args.replay_k)
+    run_config = {
+        "run": config.to_dict(), "budget": args.budget, "corruption": {**rates, "seed": args.corruption_seed},
+        "methods": methods, "mgd": settings.to_dict(), "crafting_seeds": args.crafting_seeds,
+        "eval_seeds": args.eval_seeds, "threads": args.threads,
+    }
+    if args.resume:
+        run_dir = RunDirectory.resume(args.resume, command="select", config=run_config)
+    else:
+        run_dir = RunDirectory.create(args.out, command="select", config=run_config)
+    pool = corrupt_pool(load_dataset(config.dataset), seed=args.corruption_seed, **rates)
+    finished = _load_candidates(run_dir)
+
+    total_candidates = sum(2 if m == "mgd" else 1 for m in methods)
+    totals = {"methods": total_candidates, "meta": args.meta_steps + 1, "evaluate": total_candidates * len(args.eval_seeds)}
+    with progress_bars(totals, enabled=not args.quiet) as progress:
+        report = run_selection(
+            config, pool, budget=args.budget, methods=methods, mgd=settings,
+            crafting_seeds=args.crafting_seeds, eval_seeds=args.eval_seeds, finished=finished,
+            on_candidate=lambda c: _save_candidate(run_dir, c), progress=progress,
+        )
+    report["config"] = run_config
+    described = ", ".join(f"{k.replace('_', ' ')} {v:g}" for k, v in rates.items() if v) or "none"
+    title = f"mgd select on {pool.dataset.name}: budget {args.budget:g}, corruption: {described}"
+    text = write_report(run_dir, report, title) + selection_markdown(report)
+    atomic_write_bytes(run_dir.path / "report.md", text.encode())
+    _plot_precision(run_dir, report)
+    _plot_progress(run_dir, report["selection"]["mgd_history"])
+    if not args.quiet:
+        print(text)
+        print(f"wrote {run_dir.path}/report.md, report.json, precision.png")
+    return 0
+
+
+def _plot_precision(run_dir: RunDirectory, report: dict) -> None:
+    plt = pyplot()
+    if plt is None:
+        return
+    methods = {n: m for n, m in report["methods"].items() if "precision" in m["info"]}
+    curves = report["selection"]["precision_vs_budget"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    names = list(methods)
+    left.barh(names, [100 * methods[n]["info"]["precision"] for n in names], color="tab:blue")
+    left.axvline(100 * report["selection"]["pool_composition"]["precision"], color="gray", ls="--", lw=1, label="pool")
+    left.set_xlabel(f"precision of the kept set (% clean), budget {report['selection']['budget']:g}")
+    left.invert_yaxis()
+    left.legend(fontsize=8)
+    for name, curve in curves.items():
+        if name in ("oracle",):
+            continue
+        budgets = [float(b) for b in curve]
+        right.plot(budgets, [100 * v for v in curve.values()], marker="o", ms=3, label=name,
+                   lw=2.5 if name.startswith("mgd") else 1)
+    right.set_xlabel("budget (fraction of the pool), one ranking per method")
+    right.set_ylabel("precision (%)")
+    right.legend(fontsize=7, ncol=2)
+    fig.suptitle("Diagnostic (ground truth read for reporting only)", fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, run_dir.path / "precision.png")
+
+
+def _plot_progress(run_dir: RunDirectory, history: list[dict]) -> None:
+    plt = pyplot()
+    if plt is None or not history:
+        return
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.4))
+    steps = [h["step"] for h in history]
+    left.plot(steps, [h["val_objective"] for h in history], marker="o", ms=3, label="weighted run (val CE)")
+    if "subset_val_loss" in history[0]:
+        left.plot(steps, [h["subset_val_loss"] for h in history], marker="s", ms=3, label="top-k subset (val CE)")
+    left.set_xlabel("meta-step")
+    left.set_ylabel("validation loss")
+    left.legend(fontsize=8)
+    for kind in KINDS:
+        values = [h["mean_weight_by_kind"].get(kind) for h in history]
+        if values[0] is not None:
+            right.plot(steps, values, label=kind)
+    right.set_xlabel("meta-step")
+    right.set_ylabel("mean weight (diagnostic)")
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, run_dir.path / "mgd_progress.png")

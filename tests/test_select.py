@@ -1,0 +1,211 @@
+"""mgd select: the command end to end, each baseline's scoring on known cases, bad input."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from mgd.apps import select as S
+from mgd.cli.main import main
+from mgd.config import RunConfig
+from mgd.corruption import near_duplicates, off_distribution
+from mgd.data import load_dataset
+from mgd.errors import UserError
+
+TINY = ["--steps", "20", "--width", "8", "--eval-seeds", "100,101", "--crafting-seeds", "0,1", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits")
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def test_command_end_to_end_and_resume(tmp_path):
+    out = tmp_path / "run"
+    argv = ["select", "--dataset", "digits", "--corruption", "mixed", "--budget", "0.5", "--meta-steps", "2",
+            "--out", str(out), *TINY]
+    assert main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    methods = report["methods"]
+    expected = [n for m in S.METHODS for n in S.candidate_names(m)]
+    assert sorted(methods) == sorted(expected)
+    k = report["selection"]["k"]
+    assert k == 500
+    for name, m in methods.items():
+        # every number in the table comes from retraining on the evaluation seeds
+        assert [r["seed"] for r in m["per_seed"]] == [100, 101]
+        assert np.isclose(m["test_accuracy"]["mean"], np.mean([r["test_accuracy"] for r in m["per_seed"]]))
+        if m["info"].get("selection") == "subset" and name != "oracle":
+            assert m["train_size"] == k, name
+    assert methods["full"]["train_size"] == 1000
+    assert methods["mgd-reweighting"]["train_size"] == 1000  # a reweighting, not a subset
+    assert methods["mgd-selection"]["kind"] == "mgd"
+    assert methods["oracle"]["kind"] == methods["val-only"]["kind"] == "reference"
+    assert methods["oracle"]["info"]["precision"] == 1.0
+    assert report["best_baseline_by_val"] not in ("oracle", "val-only", "mgd-selection")
+    assert len(report["selection"]["mgd_history"]) == 3
+    text = (out / "report.md").read_text()
+    assert "mgd-selection" in text and "precision" in text
+    assert (out / "precision.png").is_file() and (out / "mgd_progress.png").is_file()
+    # resume: every candidate is already saved, so nothing is recomputed and the table is the same
+    assert main([*argv[:-len(TINY) - 2], *TINY, "--resume", str(out)]) == 0
+    again = json.loads((out / "report.json").read_text())
+    for name in methods:
+        assert again["methods"][name]["test_accuracy"] == methods[name]["test_accuracy"]
+        assert again["methods"][name]["cost"] == methods[name]["cost"]
+
+
+def test_methods_subset_and_own_npz_pool(tmp_path, digits):
+    path = tmp_path / "pool.npz"
+    np.savez(path, x_train=digits.x_train[:300], y_train=digits.y_train[:300], x_val=digits.x_val,
+             y_val=digits.y_val, x_test=digits.x_test, y_test=digits.y_test)
+    out = tmp_path / "run"
+    assert main(["select", "--dataset", str(path), "--budget", "0.3", "--methods", "random,small-loss",
+                 "--out", str(out), *TINY]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert sorted(report["methods"]) == ["random", "small-loss"]
+    assert report["methods"]["random"]["train_size"] == 90
+
+
+# ----------------------------------------------------------------------------- corruption
+
+
+def test_corruptions_are_disjoint_and_as_specified(digits):
+    pool = S.corrupt_pool(digits, label_noise=0.15, off_distribution=0.1, duplicates=0.1, seed=3)
+    counts = pool.composition(np.arange(1000))["counts"]
+    assert counts == {"clean": 650, "label-noise": 150, "off-distribution": 100, "duplicate": 100}
+    again = S.corrupt_pool(digits, label_noise=0.15, off_distribution=0.1, duplicates=0.1, seed=3)
+    assert np.array_equal(pool.dataset.x_train, again.dataset.x_train)
+    # clean examples are untouched; validation and test are never corrupted
+    clean = pool.clean
+    assert np.array_equal(pool.dataset.x_train[clean], digits.x_train[clean])
+    assert np.array_equal(pool.dataset.y_train[clean], digits.y_train[clean])
+    assert pool.dataset.x_val is digits.x_val
+    # label noise changes every chosen label; duplicates are near-copies of a few clean sources
+    assert (pool.dataset.y_train[pool.kind == 1] != digits.y_train[pool.kind == 1]).all()
+    dup = pool.dataset.x_train[pool.kind == 3].reshape(100, -1)
+    distances = np.linalg.norm(dup[:, None] - digits.x_train[clean].reshape(650, -1)[None], axis=2)
+    assert distances.min(axis=1).max() < 0.1
+    assert len(np.unique(distances.argmin(axis=1))) == 5  # 100 copies of 5 sources
+
+
+def test_off_distribution_inverts_bounded_and_noises_unbounded():
+    x = np.random.default_rng(0).random((40, 1, 4, 4))
+    y = np.zeros(40, dtype=np.int64)
+    x2, y2, mask = off_distribution(x, y, 0.5, 10, seed=0)
+    assert mask.sum() == 20 and not np.array_equal(x2[mask], x[mask])
+    inverted = [i for i in np.flatnonzero(mask) if np.allclose(x2[i], 1 - x[i])]
+    assert len(inverted) == 10
+    assert np.array_equal(x2[~mask], x[~mask])
+    with pytest.raises(UserError):
+        near_duplicates(x, y, 0.6, seed=0, exclude=mask)
+
+
+# ----------------------------------------------------------------------------- scores
+
+
+def test_filter_scores_on_known_logits():
+    logits = np.array([[5.0, 0.0, 0.0], [0.0, 5.0, 0.0], [1.0, 1.2, 0.0]])
+    labels = np.array([0, 0, 1])  # right and confident, confidently wrong, barely right
+    assert list(np.argsort(S.loss_scores(logits, labels))) == [0, 2, 1]
+    assert np.allclose(S.margin_scores(logits, labels), [5.0, -5.0, 0.2])
+    assert list(np.argsort(S.el2n_scores(logits, labels))) == [0, 2, 1]
+    probs = np.array([[0.9, 0.1], [0.2, 0.8]])
+    assert np.allclose(S.agreement_scores(probs, np.array([1, 1])), [0.1, 0.8])
+    assert list(S.top_k(np.array([3.0, 1.0, 2.0]), 2)) == [0, 2]
+    assert list(S.top_k(np.array([3.0, 1.0, 2.0]), 1, largest=False)) == [1]
+    # ties go to the better tie-break value
+    assert list(S.top_k(np.array([1.0, 1.0, 1.0]), 1, tiebreak=np.array([0.0, 5.0, 1.0]))) == [1]
+    with pytest.raises(UserError):
+        S.top_k(np.ones(3), 0)
+
+
+def test_less_scores_prefer_gradients_aligned_with_a_validation_class():
+    val = np.array([[1.0, 0.0, 0.0], [2.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    val_labels = np.array([0, 0, 1])
+    train = np.array([[3.0, 0.0, 0.0], [0.0, 0.5, 0.0], [0.0, 0.0, 1.0], [-1.0, -1.0, 0.0]])
+    scores = S.less_scores([train, train], [val, val], val_labels, [0.5, 0.5])
+    # cosine, not magnitude: the first two are each perfectly aligned with one class; the max
+    # over classes (subtasks) rewards alignment with any one of them
+    assert np.allclose(scores, [1.0, 1.0, 0.0, -np.sqrt(0.5)])
+
+
+def test_last_layer_influence_matches_autograd_reference():
+    torch.manual_seed(0)
+    c, d, n, m = 3, 4, 30, 10
+    weight, bias = torch.randn(c, d, dtype=torch.float64), torch.randn(c, dtype=torch.float64)
+    fp, fv = torch.randn(n, d, dtype=torch.float64), torch.randn(m, d, dtype=torch.float64)
+    yp, yv = torch.randint(0, c, (n,)), torch.randint(0, c, (m,))
+    damping, scale = 0.1, 0.5
+    scores = S.last_layer_influence_scores(weight, bias, fp, yp, fv, yv, damping=damping, logit_scale=scale)
+
+    def loss(u, f, y, reduction="mean"):
+        w = u.reshape(c, d + 1)
+        return torch.nn.functional.cross_entropy(scale * (f @ w[:, :d].T + w[:, d]), y, reduction=reduction)
+
+    u = torch.cat([weight, bias[:, None]], dim=1).reshape(-1)
+    hessian = torch.func.hessian(lambda u: loss(u, fp, yp))(u)
+    g_val = torch.func.grad(lambda u: loss(u, fv, yv, "sum"))(u)
+    s = torch.linalg.solve(hessian + damping * torch.eye(len(u), dtype=torch.float64), g_val)
+    per_example = torch.func.vmap(torch.func.grad(lambda u, f, y: loss(u, f[None], y[None])), in_dims=(None, 0, 0))(u, fp, yp)
+    assert np.allclose(scores, (per_example @ s).numpy(), rtol=1e-8, atol=1e-10)
+
+
+def test_tracin_jvp_equals_per_example_gradient_dots(digits):
+    pool = S.corrupt_pool(replace(digits, x_train=digits.x_train[:50], y_train=digits.y_train[:50]))
+    ctx = S.SelectionContext(RunConfig(steps=5, width=8, batch_size=10, dtype="float64").resolved(), pool, 10, [0])
+    problem = ctx.pool_problem(0)
+    state = problem.trainer.run()
+    x, y = problem.trainer.x_train, problem.trainer.y_train
+    direction = S._val_gradient(problem, state.params, state.buffers)
+    _, dots = torch.func.jvp(S._loss_vector(problem, state.buffers, x, y), (state.params,), (direction,))
+    grads = S._per_example_grads(problem, state.params, state.buffers, x, y, chunk=16)
+    assert torch.allclose(dots, grads @ direction, rtol=1e-9, atol=1e-12)
+
+
+def test_val_agreement_and_small_loss_drop_flipped_labels(digits):
+    """On a pool whose second half has wrong labels, both filters keep mostly the clean half."""
+    pool = S.corrupt_pool(replace(digits, x_train=digits.x_train[:400], y_train=digits.y_train[:400]),
+                          label_noise=0.4, seed=0)
+    ctx = S.SelectionContext(RunConfig(steps=150, width=32).resolved(), pool, 200, [0, 1, 2], run_seconds=1.0)
+    for candidate in [S.select_val_agreement(ctx), *S.select_by_early_training(ctx, ["small-loss"])]:
+        assert len(candidate.y_train) == 200
+        assert candidate.info["precision"] > 0.85, candidate.name
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--budget", "0"],
+        ["--budget", "1.5"],
+        ["--methods", ""],
+        ["--methods", "random,bogus"],
+        ["--label-noise", "0.5", "--off-distribution", "0.3", "--duplicates", "0.3"],
+        ["--duplicates", "1.2"],
+        ["--mask-prob", "0"],
+        ["--eval-seeds", "0,100"],
+        ["--noise-seed", "3"],
+    ],
+)
+def test_bad_input_is_a_one_line_error(tmp_path, capsys, extra):
+    assert main(["select", "--dataset", "digits", "--out", str(tmp_path / "r"), *TINY, *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err and "\n" not in err and "Traceback" not in err
+
+
+def test_pool_with_one_class_is_refused(digits):
+    one = digits.y_train == 0
+    pool = S.corrupt_pool(replace(digits, x_train=digits.x_train[one], y_train=digits.y_train[one]))
+    with pytest.raises(UserError, match="2 classes"):
+        S.run_selection(RunConfig(steps=5, width=8).resolved(), pool, methods=["random"],
+                        crafting_seeds=[0], eval_seeds=[100])
