@@ -9,7 +9,7 @@ install:
 	@$(PYTHON) -m pip install -q -e ".[test]"
 
 demo: install
-	$(PYTHON) -m mgd grad --dataset digits --meta lr,data_weights --steps 300 --out runs/demo
+	$(PYTHON) -m mgd select --dataset digits --corruption mixed --out runs/demo-$$(date +%Y%m%d-%H%M%S)
 
 test: install
 	$(PYTHON) -m pytest -q
