@@ -1,0 +1,135 @@
+"""``mgd schedule``: learn an LR schedule by MGD and compare it with tuned baselines.
+
+Parses flags and dispatches to :func:`mgd.apps.schedule.run_schedule_search`; see that module
+for the methods and ``docs/schedule.md`` for measured results.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from mgd import __version__
+from mgd.apps import schedule as app
+from mgd.apps.protocol import write_report
+from mgd.cli.common import (
+    add_replay_k_flag,
+    add_run_flags,
+    config_from_args,
+    configure_torch,
+    positive_float,
+    positive_int,
+    progress_bars,
+    seed_list,
+)
+from mgd.data import load_dataset
+from mgd.errors import UserError
+from mgd.io import atomic_write_bytes
+from mgd.runs import RunDirectory
+
+# The frozen recipe of protocols.md §2/§5 per dataset: (steps, batch size).
+_RECIPE = {"digits": (300, 100), "mnist1d": (400, 128)}
+
+
+def _comma(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        values = [float(part) for part in _comma(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers like 0.01,0.02,0.04, got {text!r}") from None
+    if not all(0 < v < float("inf") for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
+    return values
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "schedule",
+        help="learn a learning-rate schedule by MGD and compare it with grid, random search and SGD-HD",
+        description="MGD (Adam on the metagradient of the validation loss w.r.t. log-LR knots) from a "
+        "poor (constant 0.01) and a reasonable (constant 0.1) start, against a grid over shapes x "
+        "peaks, random search with MGD's compute and hypergradient descent (SGD-HD). All choices use "
+        "the validation split; every schedule is then retrained on fresh evaluation seeds and tested. "
+        "Defaults follow protocols.md: 400 steps / batch 128 on mnist1d, 300 / 100 on digits, "
+        "weight decay 5e-4. Writes report.json, report.md and schedules.png in --out.",
+    )
+    add_run_flags(parser)
+    # The recipe's step count and batch size depend on the dataset (filled in by run()).
+    parser.set_defaults(steps=None, batch_size=None, weight_decay=5e-4)
+    s = parser.add_argument_group("schedule search")
+    s.add_argument("--methods", type=_comma, default=list(app.METHODS),
+                   help=f"comma list from {','.join(app.METHODS)} (default: all)")
+    s.add_argument("--start", choices=("poor", "reasonable", "both"), default="both",
+                   help="MGD start: constant 0.01 (poor), 0.1 (reasonable) or both (default: %(default)s)")
+    s.add_argument("--meta-steps", type=int, default=50, help="MGD meta-steps per start (default: %(default)s)")
+    s.add_argument("--meta-lr", type=positive_float, default=0.1,
+                   help="Adam step in log-LR space (default: %(default)s)")
+    s.add_argument("--crafting-seeds", type=seed_list, default=[0, 1, 2, 3, 4],
+                   help="seeds MGD rotates over; the first --selection-seeds of them score every "
+                        "choice (default: 0-4)")
+    s.add_argument("--selection-seeds", type=positive_int, default=3,
+                   help="crafting seeds averaged for every validation choice (default: %(default)s)")
+    s.add_argument("--eval-seeds", type=seed_list, default=list(range(100, 110)),
+                   help="fresh seeds for the final retraining (default: 100-109)")
+    s.add_argument("--select-by", choices=app.SELECT_BY, default="loss",
+                   help="validation metric every method is chosen by (default: %(default)s)")
+    s.add_argument("--peaks", type=_floats, default=list(app.DEFAULT_PEAKS),
+                   help="grid peak LRs (default: 0.01 x 2^i, i=0..8; widened if the best is on an edge)")
+    s.add_argument("--shapes", type=_comma, default=list(app.SHAPES),
+                   help=f"grid shapes from {','.join(app.SHAPES)} (default: all)")
+    s.add_argument("--random-runs", type=positive_int,
+                   help="random-search budget in training runs (default: what one MGD start cost)")
+    add_replay_k_flag(s)
+    parser.add_argument("--out", default="runs/schedule", help="new run directory (default: %(default)s)")
+    parser.add_argument("--resume", metavar="DIR", help="continue the run in DIR (finished methods are kept)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or summary")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    steps, batch = _RECIPE.get(args.dataset, (300, 100))
+    args.steps = steps if args.steps is None else args.steps
+    args.batch_size = batch if args.batch_size is None else args.batch_size
+    if args.meta_steps < 1:
+        raise UserError(f"--meta-steps must be >= 1, got {args.meta_steps}")
+    methods = app._parse_list(args.methods, app.METHODS, "methods")
+    shapes = app._parse_list(args.shapes, app.SHAPES, "shapes")
+    starts = ["poor", "reasonable"] if args.start == "both" else [args.start]
+    configure_torch(args)
+    config = config_from_args(args)
+    app.check_options(config, methods=methods, starts=starts, meta_steps=args.meta_steps,
+                      crafting_seeds=args.crafting_seeds, eval_seeds=args.eval_seeds,
+                      selection_seeds=args.selection_seeds, select_by=args.select_by)
+    options = {
+        "methods": methods, "starts": starts, "meta_steps": args.meta_steps, "meta_lr": args.meta_lr,
+        "crafting_seeds": list(args.crafting_seeds), "selection_seeds": args.selection_seeds,
+        "eval_seeds": list(args.eval_seeds), "select_by": args.select_by, "peaks": list(args.peaks),
+        "shapes": shapes, "random_runs": args.random_runs, "replay_k": args.replay_k, "threads": args.threads,
+    }
+    run_config = {"run": config.to_dict(), "schedule": options}
+    dataset = load_dataset(config.dataset)
+    if args.resume:
+        run_dir = RunDirectory.resume(args.resume, command="schedule", config=run_config)
+    else:
+        run_dir = RunDirectory.create(args.out, command="schedule", config=run_config)
+    totals = {"mgd": (args.meta_steps + 1) * len(starts), "evaluate": 0}
+    with progress_bars(totals, enabled=not args.quiet) as progress:
+        report = app.run_schedule_search(
+            config, dataset, methods=methods, meta_steps=args.meta_steps, starts=starts,
+            crafting_seeds=args.crafting_seeds, eval_seeds=args.eval_seeds,
+            selection_seeds=args.selection_seeds, meta_lr=args.meta_lr, select_by=args.select_by,
+            peaks=args.peaks, shapes=shapes, random_runs=args.random_runs, k=args.replay_k,
+            store=run_dir, progress=progress,
+        )
+    report["config"] = run_config
+    report["mgd_version"] = __version__
+    title = f"mgd schedule on {dataset.name} (T={config.steps}, {len(args.eval_seeds)} evaluation seeds)"
+    text = write_report(run_dir, report, title) + app.bar_markdown(report)
+    atomic_write_bytes(run_dir.path / "report.md", text.encode())
+    app.plot_schedules(report, run_dir.path / "schedules.png")
+    if not args.quiet:
+        print(text)
+        print(f"wrote {run_dir.path}/report.json, report.md, schedules.png")
+    return 0
