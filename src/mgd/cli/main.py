@@ -11,10 +11,10 @@ import sys
 from typing import Sequence
 
 from mgd._version import __version__
-from mgd.cli import estimate, grad, optimize, schedule, select, smoothness, train
+from mgd.cli import estimate, grad, optimize, poison, schedule, select, smoothness, train
 from mgd.errors import ReplayDivergedError, UserError
 
-SUBCOMMANDS = (train, grad, optimize, select, schedule, smoothness, estimate)
+SUBCOMMANDS = (train, grad, optimize, select, poison, schedule, smoothness, estimate)
 
 
 class _Parser(argparse.ArgumentParser):

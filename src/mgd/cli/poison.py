@@ -1,0 +1,241 @@
+"""``mgd poison``: accuracy-degrading data poisoning, MGD against baselines (see docs/poison.md).
+
+This module only parses flags, manages the run directory and draws plots; the attack and
+the evaluation live in :mod:`mgd.apps.poison`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import torch
+
+from mgd.apps.poison import (
+    LABEL_REGIMES,
+    METHODS,
+    MODES,
+    PoisonBox,
+    report_text,
+    run_poisoning,
+    transfer_config,
+    victim_config,
+)
+from mgd.apps.protocol import Candidate, Cost
+from mgd.cli.common import add_run_flags, configure_torch, positive_float, progress_bars, seed_list
+from mgd.config import RunConfig
+from mgd.data import load_dataset
+from mgd.descent import state_from_arrays, state_to_arrays
+from mgd.errors import UserError
+from mgd.plots import pyplot, save_figure
+from mgd.recipes import parse_recipe
+from mgd.runs import RunDirectory
+
+
+def _budget(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text!r}") from None
+    return value  # the range is checked by the API (a one-line UserError)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "poison",
+        help="accuracy-degrading data poisoning: MGD vs baselines",
+        description="Craft poisons with MGD (projected signed ascent of the validation loss through "
+        "whole training runs) and with baselines (random noise, label flips, error-max PGD, "
+        "GradCancel, back-gradient), retrain the victim on fresh evaluation seeds, and report the "
+        "paired test-accuracy drop against clean training. Writes report.md, report.json, "
+        "poisons.png and mgd_progress.png into a resumable run directory.",
+    )
+    add_run_flags(parser)
+    # Unset run flags fall back to the frozen victim recipe of mgd.apps.poison.victim_config.
+    parser.set_defaults(batch_size=None, warmup_steps=None, weight_decay=None)
+    p = parser.add_argument_group("poisoning")
+    p.add_argument("--budget", type=_budget, default=0.03,
+                   help="poisons as a fraction of the training set (default: %(default)s)")
+    p.add_argument("--mode", choices=MODES, default="replace",
+                   help="poisons replace clean points (as in the paper) or are added (default: %(default)s)")
+    p.add_argument("--labels", choices=LABEL_REGIMES, default="fixed",
+                   help="poisons keep their copy's label, or the attacker picks labels (default: %(default)s)")
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help=f"comma list of methods (default: all: {','.join(METHODS)})")
+    p.add_argument("--meta-steps", type=int, default=50, help="MGD meta-steps (default: %(default)s)")
+    p.add_argument("--step-size", type=positive_float, default=0.05,
+                   help="signed-step size as a fraction of each feature's range (default: %(default)s)")
+    p.add_argument("--crafting-seeds", type=seed_list, default=[0, 1, 2, 3, 4],
+                   help="seeds rotated across meta-steps and used for tuning (default: 0-4)")
+    p.add_argument("--eval-seeds", type=seed_list, default=list(range(100, 110)),
+                   help="fresh seeds for the final retraining (default: 100-109)")
+    p.add_argument("--transfer", default="auto",
+                   help="victim recipe for the transfer check, NAME:knob=value,... on top of the victim; "
+                        "'auto' = ReLU and double width, 'none' = skip (default: %(default)s)")
+    p.add_argument("--attack-seed", type=int, default=0, help="which clean points are copied (default: %(default)s)")
+    parser.add_argument("--out", default="runs/poison", help="new run directory (default: %(default)s)")
+    parser.add_argument("--resume", metavar="DIR", help="continue the run in DIR (finished methods are kept)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or summary")
+    parser.set_defaults(run=run)
+
+
+def _config(args: argparse.Namespace) -> RunConfig:
+    overrides = {name: getattr(args, name) for name in RunConfig.field_names()
+                 if hasattr(args, name) and getattr(args, name) is not None}
+    if overrides.get("depth", 0) < 0:
+        raise UserError(f"--depth must be >= 0, got {args.depth}")
+    overrides.pop("dataset", None)
+    return victim_config(args.dataset, **overrides)
+
+
+def _methods(text: str) -> list[str]:
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    if not names:
+        raise UserError("--methods is empty; choose from " + ",".join(METHODS))
+    unknown = [m for m in names if m not in METHODS]
+    if unknown:
+        raise UserError(f"--methods: unknown method(s) {', '.join(unknown)}; choose from {','.join(METHODS)}")
+    return names
+
+
+def _transfer(spec: str, config: RunConfig) -> RunConfig | None:
+    if spec == "none":
+        return None
+    if spec == "auto":
+        return transfer_config(config)
+    return parse_recipe(spec).apply(config)
+
+
+def _save_candidate(run_dir: RunDirectory, c: Candidate) -> None:
+    run_dir.write_npz(f"candidates/{c.name}.npz", {"x_train": c.x_train, "y_train": c.y_train})
+    run_dir.write_json(f"candidates/{c.name}.json", {"kind": c.kind, "cost": c.cost.to_dict(), "info": c.info})
+
+
+def _load_candidates(run_dir: RunDirectory, names: list[str]) -> dict[str, Candidate]:
+    from mgd.io import load_npz
+
+    found = {}
+    for name in names:
+        meta_path = run_dir.path / "candidates" / f"{name}.json"
+        if not meta_path.is_file():
+            continue
+        arrays = load_npz(run_dir.path / "candidates" / f"{name}.npz", what=f"--resume {run_dir.path}")
+        meta = json.loads(meta_path.read_text())
+        found[name] = Candidate(name, arrays["x_train"], arrays["y_train"], cost=Cost(**meta["cost"]),
+                                kind=meta["kind"], info=meta["info"])
+    return found
+
+
+def run(args: argparse.Namespace) -> int:
+    configure_torch(args)
+    config = _config(args)
+    methods = _methods(args.methods)
+    if args.meta_steps < 0:
+        raise UserError(f"--meta-steps must be >= 0, got {args.meta_steps}")
+    if not 0 < args.budget <= 1:
+        raise UserError(f"--budget must be a fraction in (0, 1], got {args.budget}")
+    if set(args.crafting_seeds) & set(args.eval_seeds):
+        raise UserError("--crafting-seeds and --eval-seeds overlap; evaluation seeds must be fresh")
+    transfer = _transfer(args.transfer, config)
+    options = {
+        "budget": args.budget, "mode": args.mode, "labels": args.labels, "methods": methods,
+        "meta_steps": args.meta_steps, "step_size": args.step_size, "crafting_seeds": list(args.crafting_seeds),
+        "eval_seeds": list(args.eval_seeds), "transfer": transfer.to_dict() if transfer else None,
+        "attack_seed": args.attack_seed, "threads": args.threads,
+    }
+    run_config = {"run": config.to_dict(), "poison": options}
+    if args.resume:
+        run_dir = RunDirectory.resume(args.resume, command="poison", config=run_config)
+    else:
+        run_dir = RunDirectory.create(args.out, command="poison", config=run_config)
+    dataset = load_dataset(config.dataset)
+
+    finished = _load_candidates(run_dir, methods) if args.resume else {}
+    mgd_state = None
+    saved = run_dir.load_state() if "mgd" not in finished else None
+    if saved is not None:
+        dtype = torch.float64 if config.dtype == "float64" else torch.float32
+        mgd_state = state_from_arrays(*saved, like={"poison_inputs": torch.zeros(0, dtype=dtype)})
+        run_dir.truncate_history(mgd_state.step)
+    elif args.resume:
+        run_dir.truncate_history(0)
+
+    def on_mgd_step(record, state) -> None:
+        run_dir.append_history(record.to_dict())
+        run_dir.save_state(*state_to_arrays(state))
+
+    total = {"meta": args.meta_steps + 1, "evaluate": (len(methods) + 1) * len(args.eval_seeds) * (2 if transfer else 1)}
+    with progress_bars(total, enabled=not args.quiet) as progress:
+        report = run_poisoning(
+            config, dataset, budget=args.budget, mode=args.mode, labels=args.labels, methods=methods,
+            meta_steps=args.meta_steps, step_size=args.step_size, crafting_seeds=args.crafting_seeds,
+            eval_seeds=args.eval_seeds, transfer=transfer, attack_seed=args.attack_seed, finished=finished,
+            on_candidate=lambda c: _save_candidate(run_dir, c), mgd_state=mgd_state, on_mgd_step=on_mgd_step,
+            progress=progress,
+        )
+    title = f"mgd poison: {args.dataset}, {100 * args.budget:g}% {args.mode}, labels {args.labels}"
+    text = report_text(report, title)
+    run_dir.write_json("report.json", report)
+    from mgd.io import atomic_write_bytes
+
+    atomic_write_bytes(run_dir.path / "report.md", text.encode())
+    _plot_poisons(run_dir, report, dataset, methods)
+    _plot_progress(run_dir, run_dir.history())
+    if not args.quiet:
+        print(text)
+        print(f"wrote {run_dir.path}/report.md, report.json, poisons.png")
+    return 0
+
+
+def _plot_poisons(run_dir: RunDirectory, report: dict, dataset, methods: list[str]) -> None:
+    """Up to 8 poisons of MGD (or the first method) next to the clean points they started from."""
+    plt = pyplot()
+    if plt is None:
+        return
+    name = "mgd" if "mgd" in methods else methods[0]
+    path = run_dir.path / "candidates" / f"{name}.npz"
+    if not path.is_file():
+        return
+    from mgd.io import load_npz
+
+    x = load_npz(path, what="poisons")["x_train"]
+    setup = report["setup"]
+    slots, sources = np.asarray(setup["slots"])[:8], np.asarray(setup["sources"])[:8]
+    box = PoisonBox.for_dataset(dataset)
+    images = dataset.x_train.ndim == 4
+    fig, axes = plt.subplots(2 if images else 1, len(slots), figsize=(1.4 * len(slots), 3.0 if images else 2.0),
+                             squeeze=False)
+    for j, (slot, source) in enumerate(zip(slots, sources)):
+        if images:
+            for row, (img, label) in enumerate(((dataset.x_train[source], "original"), (x[slot], name))):
+                ax = axes[row, j]
+                ax.imshow(img.reshape(img.shape[-2:]), cmap="gray", vmin=0, vmax=1)
+                ax.set_xticks([]), ax.set_yticks([])
+                if j == 0:
+                    ax.set_ylabel(label, fontsize=8)
+        else:
+            ax = axes[0, j]
+            ax.fill_between(np.arange(box.lo.size), box.lo.ravel(), box.hi.ravel(), color="0.9")
+            ax.plot(dataset.x_train[source].ravel(), lw=1, label="original")
+            ax.plot(x[slot].ravel(), lw=1, label=name)
+            ax.set_xticks([]), ax.set_yticks([])
+            if j == 0:
+                ax.legend(fontsize=6)
+        axes[0, j].set_title(f"y={dataset.y_train[source]}", fontsize=8)
+    fig.suptitle(f"{name} poisons vs the clean points they started from", fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, run_dir.path / "poisons.png")
+
+
+def _plot_progress(run_dir: RunDirectory, history: list[dict]) -> None:
+    plt = pyplot()
+    if plt is None or not history:
+        return
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot([r["step"] for r in history], [r["val_objective"] for r in history], marker="o", ms=3)
+    ax.set_xlabel("meta-step")
+    ax.set_ylabel("validation CE (maximised)")
+    ax.set_title("MGD poisoning (each step: a different crafting seed)", fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, run_dir.path / "mgd_progress.png")
