@@ -137,7 +137,7 @@ def bad_inputs(tmp: "os.PathLike") -> dict[str, tuple[list[str], str]]:
         "missing file": (["train", "--data-weights", f"{tmp}/nope.npy"], "not found"),
         "negative steps": (["train", "--steps", "-5"], "positive integer"),
         "k < 2": (["grad", "--replay-k", "1"], "--replay-k: expected an integer >= 2"),
-        "unknown meta": (["grad", "--meta", "lr,momentum"], "unknown metaparameter"),
+        "unknown meta": (["grad", "--meta", "lr,momentum"], "--meta: unknown momentum"),
         "empty meta": (["grad", "--meta", ","], "--meta is empty"),
         "batch too large": (["train", "--batch-size", "5000"], "batch size"),
     }

@@ -7,7 +7,7 @@ import os
 
 from mgd.io import atomic_write_bytes
 
-__all__ = ["pyplot", "save_figure"]
+__all__ = ["pyplot", "save_figure", "plot_progress"]
 
 
 def pyplot():
@@ -28,3 +28,17 @@ def save_figure(fig, path: str | os.PathLike) -> None:
     fig.savefig(buffer, format="png", dpi=120)
     pyplot().close(fig)
     atomic_write_bytes(path, buffer.getvalue())
+
+
+def plot_progress(history, path: str | os.PathLike, *, ylabel: str, title: str) -> None:
+    """Validation objective per meta-step (from ``history.jsonl`` records), if matplotlib exists."""
+    plt = pyplot()
+    if plt is None or not history:
+        return
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot([r["step"] for r in history], [r["val_objective"] for r in history], marker="o", ms=3)
+    ax.set_xlabel("meta-step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, path)

@@ -59,7 +59,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
@@ -70,7 +69,7 @@ from mgd.apps.protocol import Candidate, Cost, check_seeds, evaluate
 from mgd.config import Problem, RunConfig, build_problem
 from mgd.data import Dataset
 from mgd.descent import Box, MetaAdam, descend, state_from_arrays, state_to_arrays
-from mgd.errors import UserError
+from mgd.errors import UserError, check_choices
 from mgd.metaparams import LRKnots
 from mgd.training import TrainState
 
@@ -519,8 +518,8 @@ def mgd_schedule(
     *,
     start_lr: float,
     name: str = "mgd",
-    meta_steps: int = 50,
-    meta_lr: float = 0.1,
+    meta_steps: int = 20,
+    meta_lr: float = 0.3,
     crafting_seeds: Sequence[int] = (0, 1, 2, 3, 4),
     selection_seeds: Sequence[int] = (0, 1, 2),
     rescore_top: int = 3,
@@ -668,15 +667,7 @@ def _load_candidate(store, name: str) -> Candidate | None:
 
 
 def _parse_list(values: Sequence[str], allowed: Sequence[str], what: str) -> list[str]:
-    values = list(values)
-    if not values:
-        raise UserError(f"--{what} is empty; choose from {', '.join(allowed)}")
-    unknown = [v for v in values if v not in allowed]
-    if unknown:
-        raise UserError(f"unknown {what} {', '.join(unknown)}; choose from {', '.join(allowed)}")
-    if len(set(values)) != len(values):
-        raise UserError(f"--{what} lists a value twice: {', '.join(values)}")
-    return values
+    return check_choices(values, allowed, f"--{what}")
 
 
 def check_options(
@@ -704,12 +695,12 @@ def run_schedule_search(
     dataset: Dataset,
     *,
     methods: Sequence[str] = METHODS,
-    meta_steps: int = 50,
+    meta_steps: int = 20,
     starts: Sequence[str] = ("poor", "reasonable"),
     crafting_seeds: Sequence[int] = (0, 1, 2, 3, 4),
     eval_seeds: Sequence[int] = tuple(range(100, 110)),
     selection_seeds: int = 3,
-    meta_lr: float = 0.1,
+    meta_lr: float = 0.3,
     select_by: str = "loss",
     peaks: Sequence[float] = DEFAULT_PEAKS,
     shapes: Sequence[str] = SHAPES,

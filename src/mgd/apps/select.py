@@ -65,9 +65,8 @@ Example:
 
 from __future__ import annotations
 
-import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
@@ -82,7 +81,7 @@ from mgd.corruption import near_duplicates
 from mgd.corruption import off_distribution as off_distribution_fn
 from mgd.data import Dataset
 from mgd.descent import Box, DescentState, SignedStep, descend
-from mgd.errors import UserError
+from mgd.errors import UserError, check_choices
 
 __all__ = [
     "METHODS",
@@ -717,14 +716,8 @@ def _check_pool(pool: CorruptedPool, budget: float) -> int:
 
 
 def resolve_methods(methods: Sequence[str]) -> list[str]:
-    """Validate a method list (order kept, duplicates dropped)."""
-    methods = [m.strip() for m in methods if m.strip()]
-    if not methods:
-        raise UserError(f"no methods given; choose from {', '.join(METHODS)}")
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise UserError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
-    return list(dict.fromkeys(methods))
+    """Validate a method list (order kept)."""
+    return check_choices(methods, METHODS, "--methods")
 
 
 def candidate_names(method: str) -> list[str]:

@@ -19,7 +19,7 @@ from mgd.cli.common import (
     progress_bars,
 )
 from mgd.config import CLI_METAPARAMS, build_problem
-from mgd.errors import UserError
+from mgd.errors import check_choices
 from mgd.io import write_json, write_npz
 from mgd.replay import MODES, metagradient
 
@@ -44,15 +44,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def parse_meta(text: str) -> list[str]:
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    if not names:
-        raise UserError(f"--meta is empty; give one or more of {', '.join(CLI_METAPARAMS)}")
-    unknown = [name for name in names if name not in CLI_METAPARAMS]
-    if unknown:
-        raise UserError(f"--meta: unknown metaparameter(s) {', '.join(unknown)}; choose from {', '.join(CLI_METAPARAMS)}")
-    if len(set(names)) != len(names):
-        raise UserError(f"--meta lists a metaparameter twice: {text}")
-    return names
+    return check_choices(text.split(","), CLI_METAPARAMS, "--meta")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -34,7 +34,7 @@ from mgd.descent import (
 )
 from mgd.errors import UserError
 from mgd.evaluation import paired_difference, retrain_and_evaluate, summarize
-from mgd.plots import pyplot, save_figure
+from mgd.plots import plot_progress
 from mgd.runs import RunDirectory
 
 METRICS = ("val_loss", "val_accuracy", "test_loss", "test_accuracy")
@@ -225,24 +225,12 @@ def run(args: argparse.Namespace) -> int:
          **{f"final_{n}": v.cpu().numpy() for n, v in state.z.items()}},
     )
     run_dir.write_json("result.json", result)
-    _plot_progress(run_dir, history)
+    plot_progress(history, run_dir.path / "progress.png", ylabel="validation objective",
+                  title="MGD progress (each step: a different crafting seed)")
     if not args.quiet:
         print(describe(result))
         print(f"wrote {run_dir.path}/result.json, meta.npz, history.jsonl")
     return 0
-
-
-def _plot_progress(run_dir: RunDirectory, history: list[dict]) -> None:
-    plt = pyplot()
-    if plt is None:  # plots are optional
-        return
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.plot([r["step"] for r in history], [r["val_objective"] for r in history], marker="o", ms=3)
-    ax.set_xlabel("meta-step")
-    ax.set_ylabel("validation objective")
-    ax.set_title("MGD progress (each step: a different crafting seed)", fontsize=9)
-    fig.tight_layout()
-    save_figure(fig, run_dir.path / "progress.png")
 
 
 def describe(result: dict) -> str:

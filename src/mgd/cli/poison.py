@@ -27,8 +27,8 @@ from mgd.cli.common import add_run_flags, configure_torch, positive_float, progr
 from mgd.config import RunConfig
 from mgd.data import load_dataset
 from mgd.descent import state_from_arrays, state_to_arrays
-from mgd.errors import UserError
-from mgd.plots import pyplot, save_figure
+from mgd.errors import UserError, check_choices
+from mgd.plots import plot_progress, pyplot, save_figure
 from mgd.recipes import parse_recipe
 from mgd.runs import RunDirectory
 
@@ -90,13 +90,7 @@ def _config(args: argparse.Namespace) -> RunConfig:
 
 
 def _methods(text: str) -> list[str]:
-    names = [m.strip() for m in text.split(",") if m.strip()]
-    if not names:
-        raise UserError("--methods is empty; choose from " + ",".join(METHODS))
-    unknown = [m for m in names if m not in METHODS]
-    if unknown:
-        raise UserError(f"--methods: unknown method(s) {', '.join(unknown)}; choose from {','.join(METHODS)}")
-    return names
+    return check_choices(text.split(","), METHODS, "--methods")
 
 
 def _transfer(spec: str, config: RunConfig) -> RunConfig | None:
@@ -181,7 +175,8 @@ def run(args: argparse.Namespace) -> int:
 
     atomic_write_bytes(run_dir.path / "report.md", text.encode())
     _plot_poisons(run_dir, report, dataset, methods)
-    _plot_progress(run_dir, run_dir.history())
+    plot_progress(run_dir.history(), run_dir.path / "mgd_progress.png", ylabel="validation CE (maximised)",
+                  title="MGD poisoning (each step: a different crafting seed)")
     if not args.quiet:
         print(text)
         print(f"wrote {run_dir.path}/report.md, report.json, poisons.png")
@@ -228,14 +223,4 @@ def _plot_poisons(run_dir: RunDirectory, report: dict, dataset, methods: list[st
     save_figure(fig, run_dir.path / "poisons.png")
 
 
-def _plot_progress(run_dir: RunDirectory, history: list[dict]) -> None:
-    plt = pyplot()
-    if plt is None or not history:
-        return
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.plot([r["step"] for r in history], [r["val_objective"] for r in history], marker="o", ms=3)
-    ax.set_xlabel("meta-step")
-    ax.set_ylabel("validation CE (maximised)")
-    ax.set_title("MGD poisoning (each step: a different crafting seed)", fontsize=9)
-    fig.tight_layout()
-    save_figure(fig, run_dir.path / "mgd_progress.png")
+

@@ -63,8 +63,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help=f"comma list from {','.join(app.METHODS)} (default: all)")
     s.add_argument("--start", choices=("poor", "reasonable", "both"), default="both",
                    help="MGD start: constant 0.01 (poor), 0.1 (reasonable) or both (default: %(default)s)")
-    s.add_argument("--meta-steps", type=int, default=50, help="MGD meta-steps per start (default: %(default)s)")
-    s.add_argument("--meta-lr", type=positive_float, default=0.1,
+    s.add_argument("--meta-steps", type=int, default=20, help="MGD meta-steps per start (default: %(default)s)")
+    s.add_argument("--meta-lr", type=positive_float, default=0.3,
                    help="Adam step in log-LR space (default: %(default)s)")
     s.add_argument("--crafting-seeds", type=seed_list, default=[0, 1, 2, 3, 4],
                    help="seeds MGD rotates over; the first --selection-seeds of them score every "
