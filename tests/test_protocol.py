@@ -1,0 +1,40 @@
+"""The shared evaluation protocol: fresh seeds, paired differences, attack direction."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mgd.apps.protocol import Candidate, check_seeds, evaluate, report_markdown, with_training_set
+from mgd.config import RunConfig
+from mgd.errors import UserError
+
+
+def test_reference_baseline_is_chosen_on_validation_in_the_right_direction(digits):
+    config = RunConfig(steps=30, width=16, batch_size=50)
+    rng = np.random.default_rng(0)
+    scrambled = rng.integers(0, 10, size=len(digits.y_train))  # a useless training set
+    candidates = [
+        Candidate("clean"),
+        Candidate("scrambled", y_train=scrambled),
+        Candidate("mine", kind="mgd"),
+    ]
+    defend = evaluate(config, digits, candidates, [100, 101])
+    attack = evaluate(config, digits, candidates, [100, 101], attack=True)
+    assert defend["best_baseline_by_val"] == "clean"
+    assert attack["best_baseline_by_val"] == "scrambled"
+    clean = defend["methods"]["clean"]
+    assert [r["seed"] for r in clean["per_seed"]] == [100, 101]
+    assert clean["test_accuracy"]["mean"] > defend["methods"]["scrambled"]["test_accuracy"]["mean"] + 0.3
+    # "mine" trains exactly like "clean": the paired difference is exactly zero
+    assert defend["methods"]["mine"]["vs_best_baseline"]["test_accuracy_diff"]["mean"] == 0.0
+    assert "lowest, for an attack" in report_markdown(attack, "t")
+
+
+def test_protocol_refuses_bad_input(digits):
+    with pytest.raises(UserError, match="must be fresh"):
+        check_seeds([0, 1, 100], [100, 101])
+    with pytest.raises(UserError, match="empty training set"):
+        with_training_set(digits, digits.x_train[:0], digits.y_train[:0])
+    with pytest.raises(UserError, match="distinct"):
+        evaluate(RunConfig(steps=2), digits, [Candidate("a"), Candidate("a")], [100])
