@@ -38,3 +38,25 @@ def test_protocol_refuses_bad_input(digits):
         with_training_set(digits, digits.x_train[:0], digits.y_train[:0])
     with pytest.raises(UserError, match="distinct"):
         evaluate(RunConfig(steps=2), digits, [Candidate("a"), Candidate("a")], [100])
+
+
+def test_candidates_round_trip_through_a_run_directory(tmp_path):
+    from mgd.apps.protocol import Cost, load_candidate, save_candidate
+    from mgd.runs import RunDirectory
+
+    run_dir = RunDirectory.create(tmp_path / "run", command="test", config={})
+    candidate = Candidate(
+        "mgd-selection", x_train=np.ones((3, 2)), y_train=np.array([0, 1, 0]),
+        meta={"data_weights": np.array([0.5, 1.0, 2.0])}, cost=Cost(1.5, 3.0), kind="mgd",
+        info={"precision": 0.8, "order": np.array([2, 0, 1])},
+    )
+    assert load_candidate(run_dir, "mgd-selection") is None
+    save_candidate(run_dir, candidate)
+    back = load_candidate(run_dir, "mgd-selection")
+    assert back.kind == "mgd" and back.cost == candidate.cost and back.info["precision"] == 0.8
+    np.testing.assert_array_equal(back.info["order"], [2, 0, 1])
+    np.testing.assert_array_equal(back.x_train, candidate.x_train)
+    np.testing.assert_array_equal(back.meta["data_weights"], candidate.meta["data_weights"])
+    (run_dir.path / "candidates" / "mgd-selection.json").write_text("{broken")
+    with pytest.raises(UserError, match="corrupt"):
+        load_candidate(run_dir, "mgd-selection")

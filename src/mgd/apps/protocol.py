@@ -23,7 +23,10 @@ from mgd.errors import UserError
 from mgd.evaluation import mean_ci
 from mgd.io import atomic_write_bytes
 
-__all__ = ["Candidate", "Cost", "evaluate", "report_markdown", "with_training_set", "check_seeds"]
+__all__ = [
+    "Candidate", "Cost", "evaluate", "report_markdown", "with_training_set", "check_seeds",
+    "save_candidate", "load_candidate",
+]
 
 
 @dataclass
@@ -180,3 +183,56 @@ def write_report(run_dir, report: dict, title: str) -> str:
     run_dir.write_json("report.json", report)
     atomic_write_bytes(run_dir.path / "report.md", text.encode())
     return text
+
+
+# ------------------------------------------------------------------------------ resume support
+
+
+def save_candidate(run_dir, candidate: Candidate) -> None:
+    """Store a finished candidate under ``candidates/`` (arrays as ``.npz``, the rest as JSON).
+
+    The JSON file is written last and marks the candidate complete, so a run killed between
+    the two writes simply recomputes that method on resume.
+    """
+    arrays = {f"meta/{k}": np.asarray(v) for k, v in candidate.meta.items()}
+    for key in ("x_train", "y_train"):
+        if getattr(candidate, key) is not None:
+            arrays[key] = np.asarray(getattr(candidate, key))
+    info = {}
+    for key, value in candidate.info.items():
+        if isinstance(value, np.ndarray):
+            arrays[f"info/{key}"] = value
+        else:
+            info[key] = value
+    run_dir.write_npz(f"candidates/{candidate.name}.npz", arrays)
+    run_dir.write_json(
+        f"candidates/{candidate.name}.json",
+        {"name": candidate.name, "kind": candidate.kind, "cost": candidate.cost.to_dict(), "info": info},
+    )
+
+
+def load_candidate(run_dir, name: str) -> Candidate | None:
+    """A candidate stored by :func:`save_candidate`, or ``None`` if it never finished."""
+    import json
+
+    from mgd.io import load_npz
+
+    folder = run_dir.path / "candidates"
+    if not (folder / f"{name}.json").is_file() or not (folder / f"{name}.npz").is_file():
+        return None
+    try:
+        saved = json.loads((folder / f"{name}.json").read_text())
+        cost, kind, info = Cost(**saved["cost"]), saved["kind"], dict(saved["info"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"--resume {run_dir.path}: candidates/{name}.json is corrupt ({exc})") from None
+    arrays = load_npz(folder / f"{name}.npz", what=f"--resume {run_dir.path}")
+    info.update({k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("info/")})
+    return Candidate(
+        name,
+        x_train=arrays.get("x_train"),
+        y_train=arrays.get("y_train"),
+        meta={k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("meta/")},
+        cost=cost,
+        kind=kind,
+        info=info,
+    )

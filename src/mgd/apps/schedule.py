@@ -65,7 +65,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mgd.apps.protocol import Candidate, Cost, check_seeds, evaluate
+from mgd.apps.protocol import Candidate, Cost, check_seeds, evaluate, load_candidate, save_candidate
 from mgd.config import Problem, RunConfig, build_problem
 from mgd.data import Dataset
 from mgd.descent import Box, MetaAdam, descend, state_from_arrays, state_to_arrays
@@ -649,21 +649,12 @@ def mgd_at_budget(
 
 
 def _save_candidate(store, candidate: Candidate) -> None:
-    if store is None:
-        return
-    store.write_npz(f"candidates/{candidate.name}.npz", {k: np.asarray(v) for k, v in candidate.meta.items()})
-    store.write_json(f"candidates/{candidate.name}.json", {
-        "name": candidate.name, "kind": candidate.kind, "cost": candidate.cost.to_dict(), "info": candidate.info})
+    if store is not None:
+        save_candidate(store, candidate)
 
 
 def _load_candidate(store, name: str) -> Candidate | None:
-    if store is None or not (store.path / f"candidates/{name}.json").exists():
-        return None
-    from mgd.io import load_npz
-
-    saved = json.loads((store.path / f"candidates/{name}.json").read_text())
-    meta = load_npz(store.path / f"candidates/{name}.npz", what=f"resume {store.path}")
-    return Candidate(name=name, meta=meta, cost=Cost(**saved["cost"]), kind=saved["kind"], info=saved["info"])
+    return None if store is None else load_candidate(store, name)
 
 
 def _parse_list(values: Sequence[str], allowed: Sequence[str], what: str) -> list[str]:

@@ -7,7 +7,6 @@ the evaluation live in :mod:`mgd.apps.poison`.
 from __future__ import annotations
 
 import argparse
-import json
 
 import numpy as np
 import torch
@@ -22,7 +21,7 @@ from mgd.apps.poison import (
     transfer_config,
     victim_config,
 )
-from mgd.apps.protocol import Candidate, Cost
+from mgd.apps.protocol import load_candidate, save_candidate
 from mgd.cli.common import add_run_flags, configure_torch, positive_float, progress_bars, seed_list
 from mgd.config import RunConfig
 from mgd.data import load_dataset
@@ -101,26 +100,6 @@ def _transfer(spec: str, config: RunConfig) -> RunConfig | None:
     return parse_recipe(spec).apply(config)
 
 
-def _save_candidate(run_dir: RunDirectory, c: Candidate) -> None:
-    run_dir.write_npz(f"candidates/{c.name}.npz", {"x_train": c.x_train, "y_train": c.y_train})
-    run_dir.write_json(f"candidates/{c.name}.json", {"kind": c.kind, "cost": c.cost.to_dict(), "info": c.info})
-
-
-def _load_candidates(run_dir: RunDirectory, names: list[str]) -> dict[str, Candidate]:
-    from mgd.io import load_npz
-
-    found = {}
-    for name in names:
-        meta_path = run_dir.path / "candidates" / f"{name}.json"
-        if not meta_path.is_file():
-            continue
-        arrays = load_npz(run_dir.path / "candidates" / f"{name}.npz", what=f"--resume {run_dir.path}")
-        meta = json.loads(meta_path.read_text())
-        found[name] = Candidate(name, arrays["x_train"], arrays["y_train"], cost=Cost(**meta["cost"]),
-                                kind=meta["kind"], info=meta["info"])
-    return found
-
-
 def run(args: argparse.Namespace) -> int:
     configure_torch(args)
     config = _config(args)
@@ -145,7 +124,9 @@ def run(args: argparse.Namespace) -> int:
         run_dir = RunDirectory.create(args.out, command="poison", config=run_config)
     dataset = load_dataset(config.dataset)
 
-    finished = _load_candidates(run_dir, methods) if args.resume else {}
+    finished = {}
+    if args.resume:
+        finished = {n: c for n in methods if (c := load_candidate(run_dir, n)) is not None}
     mgd_state = None
     saved = run_dir.load_state() if "mgd" not in finished else None
     if saved is not None:
@@ -165,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
             config, dataset, budget=args.budget, mode=args.mode, labels=args.labels, methods=methods,
             meta_steps=args.meta_steps, step_size=args.step_size, crafting_seeds=args.crafting_seeds,
             eval_seeds=args.eval_seeds, transfer=transfer, attack_seed=args.attack_seed, finished=finished,
-            on_candidate=lambda c: _save_candidate(run_dir, c), mgd_state=mgd_state, on_mgd_step=on_mgd_step,
+            on_candidate=lambda c: save_candidate(run_dir, c), mgd_state=mgd_state, on_mgd_step=on_mgd_step,
             progress=progress,
         )
     title = f"mgd poison: {args.dataset}, {100 * args.budget:g}% {args.mode}, labels {args.labels}"

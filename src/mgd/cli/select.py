@@ -7,9 +7,8 @@ methods and ``docs/select.md`` for results.
 from __future__ import annotations
 
 import argparse
-import numpy as np
 
-from mgd.apps.protocol import Candidate, Cost, write_report
+from mgd.apps.protocol import Candidate, load_candidate, save_candidate, write_report
 from mgd.apps.select import (
     CORRUPTION_PRESETS,
     KINDS,
@@ -32,7 +31,7 @@ from mgd.cli.common import (
 )
 from mgd.data import load_dataset
 from mgd.errors import UserError
-from mgd.io import atomic_write_bytes, load_npz
+from mgd.io import atomic_write_bytes
 from mgd.plots import pyplot, save_figure
 from mgd.runs import RunDirectory
 
@@ -100,40 +99,14 @@ def _rates(args: argparse.Namespace) -> dict:
     return rates
 
 
-def _save_candidate(run_dir: RunDirectory, candidate: Candidate) -> None:
-    arrays = {f"meta/{k}": np.asarray(v) for k, v in candidate.meta.items()}
-    for key in ("x_train", "y_train"):
-        if getattr(candidate, key) is not None:
-            arrays[key] = getattr(candidate, key)
-    if candidate.info.get("order") is not None:
-        arrays["order"] = candidate.info["order"]
-    run_dir.write_npz(f"candidates/{candidate.name}.npz", arrays)
-    info = {k: v for k, v in candidate.info.items() if k != "order"}
-    run_dir.write_json(f"candidates/{candidate.name}.json",
-                       {"name": candidate.name, "kind": candidate.kind, "cost": candidate.cost.to_dict(), "info": info})
-
-
 def _load_candidates(run_dir: RunDirectory) -> dict[str, Candidate]:
-    import json
-
+    """Every candidate a previous run of this directory finished (MGD yields two names)."""
     folder = run_dir.path / "candidates"
     found = {}
-    if not folder.is_dir():
-        return found
-    for path in sorted(folder.glob("*.json")):
-        npz = path.with_suffix(".npz")
-        if not npz.is_file():
-            continue  # interrupted between the two writes: rerun that method
-        saved = json.loads(path.read_text())
-        arrays = load_npz(npz, what=f"--resume {run_dir.path}")
-        info = dict(saved["info"])
-        if "order" in arrays:
-            info["order"] = arrays["order"]
-        found[saved["name"]] = Candidate(
-            saved["name"], x_train=arrays.get("x_train"), y_train=arrays.get("y_train"),
-            meta={k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("meta/")},
-            cost=Cost(**saved["cost"]), kind=saved["kind"], info=info,
-        )
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        candidate = load_candidate(run_dir, path.stem)
+        if candidate is not None:
+            found[candidate.name] = candidate
     return found
 
 
@@ -168,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
         report = run_selection(
             config, pool, budget=args.budget, methods=methods, mgd=settings,
             crafting_seeds=args.crafting_seeds, eval_seeds=args.eval_seeds, finished=finished,
-            on_candidate=lambda c: _save_candidate(run_dir, c), progress=progress,
+            on_candidate=lambda c: save_candidate(run_dir, c), progress=progress,
         )
     report["config"] = run_config
     described = ", ".join(f"{k.replace('_', ' ')} {v:g}" for k, v in rates.items() if v) or "none"
