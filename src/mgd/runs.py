@@ -93,6 +93,15 @@ class RunDirectory:
             )
         return cls(path, info)
 
+    @classmethod
+    def open(
+        cls, out: str | os.PathLike, resume: str | os.PathLike | None, *, command: str, config: Mapping[str, Any]
+    ) -> "RunDirectory":
+        """``--resume DIR`` if given (:meth:`resume`), else a new run in ``--out`` (:meth:`create`)."""
+        if resume:
+            return cls.resume(resume, command=command, config=config)
+        return cls.create(out, command=command, config=config)
+
     # ----------------------------------------------------------------- history
     @property
     def history_path(self) -> Path:

@@ -128,10 +128,7 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     options = _options(args, names)
     run_config = {"run": config.to_dict(), "mgd": options}
-    if args.resume:
-        run_dir = RunDirectory.resume(args.resume, command="optimize", config=run_config)
-    else:
-        run_dir = RunDirectory.create(args.out, command="optimize", config=run_config)
+    run_dir = RunDirectory.open(args.out, args.resume, command="optimize", config=run_config)
 
     dataset = load_dataset(config.dataset)
     base = build_problem(config, dataset=dataset)

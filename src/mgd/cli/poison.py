@@ -118,10 +118,7 @@ def run(args: argparse.Namespace) -> int:
         "attack_seed": args.attack_seed, "threads": args.threads,
     }
     run_config = {"run": config.to_dict(), "poison": options}
-    if args.resume:
-        run_dir = RunDirectory.resume(args.resume, command="poison", config=run_config)
-    else:
-        run_dir = RunDirectory.create(args.out, command="poison", config=run_config)
+    run_dir = RunDirectory.open(args.out, args.resume, command="poison", config=run_config)
     dataset = load_dataset(config.dataset)
 
     finished = {}

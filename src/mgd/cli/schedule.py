@@ -110,10 +110,7 @@ def run(args: argparse.Namespace) -> int:
     }
     run_config = {"run": config.to_dict(), "schedule": options}
     dataset = load_dataset(config.dataset)
-    if args.resume:
-        run_dir = RunDirectory.resume(args.resume, command="schedule", config=run_config)
-    else:
-        run_dir = RunDirectory.create(args.out, command="schedule", config=run_config)
+    run_dir = RunDirectory.open(args.out, args.resume, command="schedule", config=run_config)
     totals = {"mgd": (args.meta_steps + 1) * len(starts), "evaluate": 0}
     with progress_bars(totals, enabled=not args.quiet) as progress:
         report = app.run_schedule_search(

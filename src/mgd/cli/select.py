@@ -128,10 +128,7 @@ def run(args: argparse.Namespace) -> int:
         "methods": methods, "mgd": settings.to_dict(), "crafting_seeds": args.crafting_seeds,
         "eval_seeds": args.eval_seeds, "threads": args.threads,
     }
-    if args.resume:
-        run_dir = RunDirectory.resume(args.resume, command="select", config=run_config)
-    else:
-        run_dir = RunDirectory.create(args.out, command="select", config=run_config)
+    run_dir = RunDirectory.open(args.out, args.resume, command="select", config=run_config)
     pool = corrupt_pool(load_dataset(config.dataset), seed=args.corruption_seed, **rates)
     finished = _load_candidates(run_dir)
 

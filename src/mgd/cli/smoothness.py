@@ -76,10 +76,7 @@ def run(args: argparse.Namespace) -> int:
             build_problem(configs[recipe.name], dataset=dataset)
         except UserError as exc:
             raise UserError(f"recipe {recipe.name!r}: {exc}") from None
-    if args.resume:
-        run_dir = RunDirectory.resume(args.resume, command="smoothness", config=run_config)
-    else:
-        run_dir = RunDirectory.create(args.out, command="smoothness", config=run_config)
+    run_dir = RunDirectory.open(args.out, args.resume, command="smoothness", config=run_config)
 
     done = {r["recipe"] for r in run_dir.history()}
     with progress_bars({"recipes": len(recipes)}, enabled=not args.quiet) as progress:
