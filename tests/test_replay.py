@@ -338,3 +338,28 @@ def test_batchnorm_metagradients_are_exact(digits, name):
             for h in (1e-4, 1e-5, 1e-6)
         ]
         assert min(errors) <= 1e-6, (meta, errors)
+
+
+def test_truncated_metagradient_equals_unrolling_only_the_last_steps(digits):
+    """horizon=h differentiates through the last h steps only (states before are constants)."""
+    trainer, objective = tiny_problem(digits, mgd.SGD(momentum=0.9), steps=15, metaparams=("lr", "data_weights"))
+    full = mgd.metagradient(trainer, objective)
+    assert all(torch.equal(a, b) for a, b in zip(
+        mgd.metagradient(trainer, objective, horizon=15).grads.values(), full.grads.values()))
+    h = 6
+    truncated = mgd.metagradient(trainer, objective, horizon=h, k=3)
+    # independent reference: plain training to T-h, then one autograd graph through h steps
+    meta = trainer.default_meta()
+    with torch.enable_grad():
+        leaves = {n: v.clone().requires_grad_(True) for n, v in meta.items()}
+        start = trainer.run(meta, until=15 - h)
+        tensors = tuple(t.detach().clone().requires_grad_(True) for t in start.tensors())
+        for t in range(15 - h, 15):
+            tensors = trainer.differentiable_step(tensors, t, trainer.local_meta(leaves, t))
+        value = objective(trainer.named_tensors(tensors[0], tensors[-1]))
+        expected = torch.autograd.grad(value, [leaves["lr"], leaves["data_weights"]])
+    assert relative_error(truncated.grads["lr"], expected[0]) <= 1e-10
+    assert relative_error(truncated.grads["data_weights"], expected[1]) <= 1e-10
+    assert torch.all(truncated.grads["lr"][: 15 - h] == 0) and truncated.grads["lr"][-1] != 0
+    with pytest.raises(mgd.UserError, match="horizon"):
+        mgd.metagradient(trainer, objective, horizon=0)

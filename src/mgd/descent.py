@@ -341,6 +341,7 @@ def descend(
     seeds: Sequence[int],
     maximize: bool = False,
     k: int | None = None,
+    horizon: int | None = None,
     state: DescentState | None = None,
     on_step: Callable[[MetaStep, DescentState], None] | None = None,
     diagnostics: Callable[[Mapping[str, Tensor]], dict] | None = None,
@@ -360,6 +361,8 @@ def descend(
         seeds: crafting seeds, used round-robin.
         maximize: ascend instead of descend (e.g. poisoning).
         k: REPLAY branching factor.
+        horizon: truncate each metagradient to the last ``horizon`` steps (an ablation; see
+            :func:`mgd.replay.metagradient`).
         state: a saved :class:`DescentState` to continue from.
         on_step: called after every meta-step with its record and the new state (save here).
         diagnostics: optional ``z -> dict`` added to each record (must not read test data).
@@ -391,7 +394,9 @@ def descend(
         started = time.perf_counter()
         trainer, objective = make_trainer(seed)
         if i < steps:
-            result = metagradient(trainer, objective, {**fixed, **state.z}, wrt=list(state.z), k=k)
+            result = metagradient(
+                trainer, objective, {**fixed, **state.z}, wrt=list(state.z), k=k, horizon=horizon
+            )
             value, grads = result.value, result.grads
         else:  # the final iterate is only evaluated
             final = trainer.run({**fixed, **state.z})

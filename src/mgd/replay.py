@@ -317,6 +317,7 @@ def metagradient(
     mode: str = "replay",
     k: int | None = None,
     vjp: StepVJP = double_backward_vjp,
+    horizon: int | None = None,
     trace: ReplayTrace | None = None,
     progress: Callable[[str, int], None] | None = None,
 ) -> MetaGradient:
@@ -331,6 +332,9 @@ def metagradient(
         mode: ``"replay"`` (lazy k-ary tree) or ``"unrolled"`` (store every state).
         k: branching factor for ``"replay"`` (default ``⌈√T⌉``); ``k >= T`` stores everything.
         vjp: the per-step VJP (default: double-backward).
+        horizon: differentiate only through the last ``horizon`` steps (truncated
+            backpropagation: a cheaper, *biased* metagradient that ignores how earlier steps
+            shape the end of training; the truncated-unroll baseline). Default: all steps.
         trace: optional :class:`ReplayTrace` to record events and live checkpoints.
         progress: optional callback ``(phase, steps_done)`` for progress bars.
 
@@ -345,7 +349,10 @@ def metagradient(
         raise UserError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     if k is not None and k < 2:
         raise UserError(f"the replay tree's branching factor k must be >= 2, got {k}")
+    if horizon is not None and horizon < 1:
+        raise UserError(f"the truncation horizon must be >= 1 step, got {horizon}")
     T = trainer.steps
+    first_step = 0 if horizon is None else max(0, T - horizon)
     plan = ReplayPlan.build(T, T if mode == "unrolled" else k)
     values = trainer.check_meta(meta or {})
     wrt = list(values) if wrt is None else list(wrt)
@@ -420,6 +427,9 @@ def metagradient(
         if isinstance(op, Replay):
             run_forward(checkpoints[op.start], op.stop, op.store, "replay")
         elif isinstance(op, VJP):
+            if op.step < first_step:
+                # VJPs come in order T-1 .. 0: everything left is before the horizon.
+                break
             state = checkpoints[op.step]
             local = trainer.local_meta(values, op.step)
             adjoint, local_grads = vjp(trainer, state, local, wrt, adjoint)
