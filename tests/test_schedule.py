@@ -183,3 +183,19 @@ def test_bad_input_is_a_one_line_error(tmp_path, extra, capsys):
     assert not (tmp_path / "bad").exists()  # rejected before any run directory is made
     err = capsys.readouterr().err.strip()
     assert err and "\n" not in err and "Traceback" not in err
+
+
+def test_truncated_baseline_only_moves_the_knots_it_can_see():
+    """With a horizon of the last 4 of 20 steps, only the last knot segment gets a gradient."""
+    from mgd.apps.schedule import mgd_schedule
+    from mgd.data import load_dataset
+
+    config = tiny_config(num_knots=5)
+    candidate = mgd_schedule(config, load_dataset("digits"), start_lr=0.01, name="truncated-poor", meta_steps=3,
+                             crafting_seeds=(0, 1), selection_seeds=(0,), rescore_top=1, horizon=4,
+                             kind="baseline", metagradient_runs=1.0)
+    knots = candidate.meta["lr_knots"]
+    start = np.log(0.01 / config.lr)
+    # knots sit at steps 0, 4.75, 9.5, 14.25, 19: steps 16-19 touch only the last two
+    assert np.allclose(knots[:3], start) and not np.allclose(knots[3:], start)
+    assert candidate.kind == "baseline" and candidate.info["horizon"] == 4

@@ -97,7 +97,9 @@ __all__ = [
 
 SHAPES = ("constant", "step", "cosine", "warmup_linear", "one_cycle")
 START_LRS = {"poor": 0.01, "reasonable": 0.1}
-METHODS = ("mgd", "grid", "random", "hd")
+METHODS = ("mgd", "grid", "random", "hd", "truncated")
+#: Steps the truncated-unroll baseline differentiates through (protocols.md §7: 20-50).
+TRUNCATION_HORIZON = 50
 #: 9 peaks from 0.01 in ×2 steps (0.01 … 2.56), ``protocols.md`` §7.
 DEFAULT_PEAKS = tuple(0.01 * 2**i for i in range(9))
 SELECT_BY = ("loss", "accuracy")
@@ -252,7 +254,9 @@ def reference_run_seconds(config: RunConfig, dataset: Dataset, *, repeats: int =
     return float(np.median(times))
 
 
-def metagradient_cost_runs(config: RunConfig, dataset: Dataset, *, k: int | None = None, repeats: int = 2) -> float:
+def metagradient_cost_runs(
+    config: RunConfig, dataset: Dataset, *, k: int | None = None, horizon: int | None = None, repeats: int = 2
+) -> float:
     """One ``lr_knots`` metagradient's cost in training runs: median seconds of metagradients
     over median seconds of plain runs, timed alternately (run, metagradient, run, ...)."""
     from mgd.replay import metagradient
@@ -266,7 +270,8 @@ def metagradient_cost_runs(config: RunConfig, dataset: Dataset, *, k: int | None
         trainer.run()
         runs.append(time.perf_counter() - started)
         started = time.perf_counter()
-        metagradient(trainer, objective, trainer.default_meta(), wrt=["lr_knots"], k=config.steps if k is None else k)
+        metagradient(trainer, objective, trainer.default_meta(), wrt=["lr_knots"],
+                     k=config.steps if k is None else k, horizon=horizon)
         metas.append(time.perf_counter() - started)
     started = time.perf_counter()
     trainer.run()
@@ -527,6 +532,8 @@ def mgd_schedule(
     lr_bounds: tuple[float, float] = (1e-4, 10.0),
     k: int | None = None,
     metagradient_runs: float | None = None,
+    horizon: int | None = None,
+    kind: str = "mgd",
     store=None,
     progress: Callable[[str, int], None] | None = None,
 ) -> Candidate:
@@ -538,6 +545,8 @@ def mgd_schedule(
         k: REPLAY branching factor (default: store every state; cheap at this size).
         metagradient_runs: the cost of one metagradient in training runs (default: measured
             with :func:`metagradient_cost_runs`).
+        horizon: differentiate only the last ``horizon`` training steps (the truncated-unroll
+            baseline, reported with ``kind="baseline"``); default: the whole run.
         store: optional :class:`~mgd.runs.RunDirectory` to save the descent after each
             meta-step and resume from it.
 
@@ -553,7 +562,7 @@ def mgd_schedule(
     if not 0 < lo < start_lr < hi:
         raise UserError(f"start LR {start_lr} must lie inside the LR bounds {lr_bounds}")
     if metagradient_runs is None:
-        metagradient_runs = metagradient_cost_runs(config, dataset, k=k)
+        metagradient_runs = metagradient_cost_runs(config, dataset, k=k, horizon=horizon)
     steps_k = config.steps if k is None else k
     problems: dict[int, Problem] = {}
 
@@ -587,8 +596,8 @@ def mgd_schedule(
 
     state = descend(
         make_trainer, z0, optimizer=MetaAdam(meta_lr), projections={"lr_knots": box},
-        steps=meta_steps, seeds=list(crafting_seeds), k=steps_k, state=state, on_step=on_step,
-        progress=progress,
+        steps=meta_steps, seeds=list(crafting_seeds), k=steps_k, horizon=horizon, state=state,
+        on_step=on_step, progress=progress,
     )
     values = [r["val_objective"] for r in records]
     iterates = [np.asarray(r["knots"]) for r in records]
@@ -601,9 +610,9 @@ def mgd_schedule(
         meta={"lr_knots": iterates[chosen]},
         cost=Cost(seconds=mgd_seconds + scorer.seconds,
                   training_runs=meta_steps * metagradient_runs + 1 + scorer.runs),
-        kind="mgd",
+        kind=kind,
         info={
-            "start_lr": start_lr, "meta_lr": meta_lr, "meta_steps": meta_steps,
+            "start_lr": start_lr, "meta_lr": meta_lr, "meta_steps": meta_steps, "horizon": horizon,
             "crafting_seeds": list(crafting_seeds), "selection_seeds": list(selection_seeds),
             "chosen_step": chosen, "rescoring": rows, "val_objective_by_step": values,
             "seconds_by_step": seconds, "iterates": [it.tolist() for it in iterates],
@@ -757,6 +766,13 @@ def run_schedule_search(
     if "hd" in methods:
         candidates.append(once("hd", lambda: hypergradient_descent(
             config, dataset, seeds=chosen_seeds, select_by=select_by, progress=progress)))
+    if "truncated" in methods:
+        # MGD's own code from the poor start, differentiating only the last steps: what the
+        # full horizon adds (protocols.md §7).
+        candidates.append(once("truncated-poor", lambda: mgd_schedule(
+            config, dataset, start_lr=START_LRS["poor"], name="truncated-poor", meta_steps=meta_steps,
+            meta_lr=meta_lr, crafting_seeds=crafting_seeds, selection_seeds=chosen_seeds, select_by=select_by,
+            k=k, horizon=min(TRUNCATION_HORIZON, config.steps), kind="baseline", store=store, progress=progress)))
     if grid is not None and "poor" in mgd:
         budget = mgd_at_budget(mgd["poor"], config, dataset, budget_runs=grid.cost.training_runs,
                                name="mgd-poor@grid-budget", selection_seeds=chosen_seeds)
