@@ -135,6 +135,15 @@ def add_output_flags(parser: argparse.ArgumentParser, default_out: str) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars or summary")
 
 
+def add_run_dir_flags(
+    parser: argparse.ArgumentParser, default_out: str, resume_help: str = "continue the run in DIR"
+) -> None:
+    """``--out`` (a new run directory), ``--resume DIR`` and ``--quiet``, for long commands."""
+    parser.add_argument("--out", default=default_out, help="new run directory (default: %(default)s)")
+    parser.add_argument("--resume", metavar="DIR", help=resume_help)
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or summary")
+
+
 @contextmanager
 def progress_bars(total: dict[str, int], *, enabled: bool) -> Iterator:
     """Yield a ``progress(phase, n)`` callback drawing one tqdm bar per phase on stderr.

@@ -8,6 +8,7 @@ import torch
 
 from mgd import __version__
 from mgd.cli.common import (
+    add_run_dir_flags,
     add_replay_k_flag,
     add_run_flags,
     config_from_args,
@@ -71,9 +72,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     o.add_argument("--eval-seeds", type=seed_list, default=[100, 101, 102, 103, 104],
                    help="fresh seeds for the final retraining (default: 100,...,104)")
     add_replay_k_flag(o)
-    parser.add_argument("--out", default="runs/optimize", help="new run directory (default: %(default)s)")
-    parser.add_argument("--resume", metavar="DIR", help="continue the run in DIR after a crash")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars or summary")
+    add_run_dir_flags(parser, "runs/optimize", resume_help="continue the run in DIR after a crash")
     parser.set_defaults(run=run)
 
 

@@ -22,7 +22,7 @@ from mgd.apps.poison import (
     victim_config,
 )
 from mgd.apps.protocol import load_candidate, save_candidate
-from mgd.cli.common import add_run_flags, configure_torch, positive_float, progress_bars, seed_list
+from mgd.cli.common import add_run_dir_flags, add_run_flags, configure_torch, positive_float, progress_bars, seed_list
 from mgd.config import RunConfig
 from mgd.data import load_dataset
 from mgd.descent import state_from_arrays, state_to_arrays
@@ -73,9 +73,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="victim recipe for the transfer check, NAME:knob=value,... on top of the victim; "
                         "'auto' = ReLU and double width, 'none' = skip (default: %(default)s)")
     p.add_argument("--attack-seed", type=int, default=0, help="which clean points are copied (default: %(default)s)")
-    parser.add_argument("--out", default="runs/poison", help="new run directory (default: %(default)s)")
-    parser.add_argument("--resume", metavar="DIR", help="continue the run in DIR (finished methods are kept)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars or summary")
+    add_run_dir_flags(parser, "runs/poison", resume_help="continue the run in DIR (finished methods are kept)")
     parser.set_defaults(run=run)
 
 

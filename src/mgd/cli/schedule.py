@@ -12,6 +12,7 @@ from mgd import __version__
 from mgd.apps import schedule as app
 from mgd.apps.protocol import write_report
 from mgd.cli.common import (
+    add_run_dir_flags,
     add_replay_k_flag,
     add_run_flags,
     config_from_args,
@@ -82,9 +83,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--random-runs", type=positive_int,
                    help="random-search budget in training runs (default: what one MGD start cost)")
     add_replay_k_flag(s)
-    parser.add_argument("--out", default="runs/schedule", help="new run directory (default: %(default)s)")
-    parser.add_argument("--resume", metavar="DIR", help="continue the run in DIR (finished methods are kept)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars or summary")
+    add_run_dir_flags(parser, "runs/schedule", resume_help="continue the run in DIR (finished methods are kept)")
     parser.set_defaults(run=run)
 
 

@@ -20,6 +20,7 @@ from mgd.apps.select import (
     selection_markdown,
 )
 from mgd.cli.common import (
+    add_run_dir_flags,
     add_replay_k_flag,
     add_run_flags,
     config_from_args,
@@ -82,9 +83,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--eval-seeds", type=seed_list, default=list(range(100, 110)),
                    help="fresh seeds for the final retraining (default: 100-109)")
     add_replay_k_flag(m)
-    parser.add_argument("--out", default="runs/select", help="new run directory (default: %(default)s)")
-    parser.add_argument("--resume", metavar="DIR", help="continue the run in DIR (finished methods are kept)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars or summary")
+    add_run_dir_flags(parser, "runs/select", resume_help="continue the run in DIR (finished methods are kept)")
     parser.set_defaults(run=run)
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from mgd import __version__
-from mgd.cli.common import add_run_flags, config_from_args, configure_torch, positive_float, positive_int, progress_bars, seed_list
+from mgd.cli.common import add_run_dir_flags, add_run_flags, config_from_args, configure_torch, positive_float, positive_int, progress_bars, seed_list
 from mgd.config import build_problem
 from mgd.data import load_dataset
 from mgd.descent import Box, SignedStep, descend
@@ -46,9 +46,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--meta-lr", type=positive_float, default=0.1, help="signed step size (default: %(default)s)")
     s.add_argument("--crafting-seeds", type=seed_list, default=[0, 1, 2, 3, 4],
                    help="seeds rotated across meta-steps (default: 0,1,2,3,4)")
-    parser.add_argument("--out", default="runs/smoothness", help="new run directory (default: %(default)s)")
-    parser.add_argument("--resume", metavar="DIR", help="continue the run in DIR")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars or summary")
+    add_run_dir_flags(parser, "runs/smoothness")
     parser.set_defaults(run=run)
 
 
