@@ -17,10 +17,10 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-from mgd.config import RunConfig, build_problem
+from mgd.config import RunConfig
 from mgd.data import Dataset
 from mgd.errors import UserError
-from mgd.evaluation import mean_ci
+from mgd.evaluation import mean_ci, retrain_and_evaluate
 from mgd.io import atomic_write_bytes
 
 __all__ = [
@@ -90,11 +90,10 @@ def check_seeds(crafting: Sequence[int], evaluation: Sequence[int]) -> None:
 
 def _train_once(config: RunConfig, dataset: Dataset, candidate: Candidate, seed: int) -> dict:
     train = with_training_set(dataset, candidate.x_train, candidate.y_train)
-    cfg = RunConfig(**{**config.to_dict(), "seed": seed, "batch_size": min(config.batch_size, len(train.x_train))})
-    problem = build_problem(cfg, dataset=train)
+    cfg = RunConfig(**{**config.to_dict(), "batch_size": min(config.batch_size, len(train.x_train))})
     meta = {name: torch.as_tensor(np.asarray(v, dtype=np.float64)) for name, v in candidate.meta.items()}
-    final = problem.trainer.run(problem.trainer.check_meta(meta))
-    return {"seed": seed, **problem.evaluate(final)}
+    (result,) = retrain_and_evaluate(cfg, train, meta, [seed])
+    return result
 
 
 def evaluate(
