@@ -17,6 +17,7 @@ from torch import nn
 
 import mgd
 from mgd.models import cnn
+from mgd.replay import VJP_MODES
 from mgd.check import directional_finite_difference, full_unroll_metagradient, relative_error
 from mgd.replay import VJP, Forward, Free, Replay, ReplayPlan, ReplayTrace, default_k, schedule
 
@@ -37,10 +38,10 @@ def test_schedule_worked_example_T8_k2():
     ops = list(schedule(8, 2))
     assert ops == [
         Forward(8, (4,)),
-        Replay(4, 6, (6,)), Replay(6, 7, (7,)), VJP(7), Free(7), VJP(6), Free(6),
-        Replay(4, 5, (5,)), VJP(5), Free(5), VJP(4), Free(4),
-        Replay(0, 2, (2,)), Replay(2, 3, (3,)), VJP(3), Free(3), VJP(2), Free(2),
-        Replay(0, 1, (1,)), VJP(1), Free(1), VJP(0), Free(0),
+        Replay(4, 6, (6,)), Replay(6, 7, (7,), leaf=True), VJP(7), Free(7), VJP(6), Free(6),
+        Replay(4, 5, (5,), leaf=True), VJP(5), Free(5), VJP(4), Free(4),
+        Replay(0, 2, (2,)), Replay(2, 3, (3,), leaf=True), VJP(3), Free(3), VJP(2), Free(2),
+        Replay(0, 1, (1,), leaf=True), VJP(1), Free(1), VJP(0), Free(0),
     ]
     plan = ReplayPlan.build(8, 2)
     # 12 replayed steps in the notes' count, 4 of which (the root's) happen in our forward pass.
@@ -111,23 +112,36 @@ def test_engine_follows_the_plan_and_replays_bit_identical_states(digits, T, k):
                 assert torch.equal(a, b), f"replayed s_{t} differs from the forward pass"
 
 
+@pytest.mark.parametrize("vjp", VJP_MODES)
 @pytest.mark.parametrize("name", OPTIMIZERS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_replay_equals_store_everything_bit_for_bit(digits, name, dtype):
+def test_replay_equals_store_everything_bit_for_bit(digits, name, dtype, vjp):
     make, lr = OPTIMIZERS[name]
     T = 13
     trainer, objective = tiny_problem(digits, make(), steps=T, lr=lr, weight_decay=1e-2, dtype=dtype)
-    reference = mgd.metagradient(trainer, objective, mode="unrolled")
+    reference = mgd.metagradient(trainer, objective, mode="unrolled", vjp=vjp)
     assert reference.plan.max_live_checkpoints == T
     for k in (2, 3, default_k(T), T):
-        result = mgd.metagradient(trainer, objective, k=k)
+        result = mgd.metagradient(trainer, objective, k=k, vjp=vjp)
         assert result.value == reference.value
         for meta in META:
             assert torch.equal(result.grads[meta], reference.grads[meta]), (name, k, meta)
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS)
-def test_metagradient_equals_full_unroll_autograd(digits, name):
+def test_fused_and_double_backward_vjps_are_bit_identical(digits, name):
+    """Keeping the replay's graph changes where the work happens, not the arithmetic."""
+    make, lr = OPTIMIZERS[name]
+    trainer, objective = tiny_problem(digits, make(), steps=17, lr=lr, weight_decay=1e-2, dtype=torch.float32)
+    fused = mgd.metagradient(trainer, objective, k=4, vjp="fused")
+    recomputed = mgd.metagradient(trainer, objective, k=4, vjp="double-backward")
+    for meta in META:
+        assert torch.equal(fused.grads[meta], recomputed.grads[meta]), meta
+
+
+@pytest.mark.parametrize("vjp", VJP_MODES)
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_metagradient_equals_full_unroll_autograd(digits, name, vjp):
     make, lr = OPTIMIZERS[name]
     trainer, objective = tiny_problem(digits, make(), steps=20, lr=lr, weight_decay=1e-2)
     torch.manual_seed(3)
@@ -137,7 +151,7 @@ def test_metagradient_equals_full_unroll_autograd(digits, name):
         "data_weights": 1 + 0.2 * torch.rand(120, dtype=torch.float64),
     }
     value, expected = full_unroll_metagradient(trainer, objective, meta)
-    result = mgd.metagradient(trainer, objective, meta)
+    result = mgd.metagradient(trainer, objective, meta, vjp=vjp)
     assert result.value == pytest.approx(value, rel=1e-14)
     for name_ in META:
         assert expected[name_].abs().max() > 0
@@ -150,9 +164,10 @@ def _unit_direction(like: torch.Tensor, seed: int) -> torch.Tensor:
     return d / d.norm() if d.dim() else torch.ones_like(like)
 
 
+@pytest.mark.parametrize("vjp", ["fused", "mixed"])
 @pytest.mark.parametrize("name", ["sgd-momentum", "adam"])
 @pytest.mark.parametrize("meta", META)
-def test_metagradient_matches_finite_differences(digits, name, meta):
+def test_metagradient_matches_finite_differences(digits, name, meta, vjp):
     """Central differences of whole training runs along random unit directions.
 
     The step h is picked from a small fixed set per direction (truncation vs round-off), as
@@ -161,7 +176,7 @@ def test_metagradient_matches_finite_differences(digits, name, meta):
     make, lr = OPTIMIZERS[name]
     trainer, objective = tiny_problem(digits, make(), steps=20, lr=lr, weight_decay=1e-2)
     values = trainer.default_meta()
-    grad = mgd.metagradient(trainer, objective, wrt=[meta]).grads[meta]
+    grad = mgd.metagradient(trainer, objective, wrt=[meta], vjp=vjp).grads[meta]
     for seed in range(2):
         d = _unit_direction(values[meta], seed)
         exact = float((grad * d).sum())
@@ -185,23 +200,29 @@ def test_adam_with_dead_inputs_gives_finite_metagradients(digits):
     assert torch.isnan(broken).any()
 
 
-def test_divergent_replay_is_detected(digits):
+@pytest.mark.parametrize("vjp", VJP_MODES)
+def test_divergent_replay_is_detected(digits, vjp):
     trainer, objective = tiny_problem(digits, mgd.SGD(momentum=0.9), steps=9)
     calls = {"n": 0}
-    original = trainer.step
+    inner = trainer.optimizer
 
-    def flaky_step(state, meta):
-        calls["n"] += 1
-        new = original(state, meta)
-        if calls["n"] > trainer.steps:  # every replay perturbs the last bit of one parameter
-            params = new.params.clone()
-            params[0] = torch.nextafter(params[0], torch.tensor(math.inf, dtype=params.dtype))
-            new = replace(new, params=params)
-        return new
+    class FlakyOptimizer:
+        """Every update after the forward pass nudges the last bit of one parameter."""
 
-    trainer.step = flaky_step
+        def __getattr__(self, name):
+            return getattr(inner, name)
+
+        def update(self, grad, params, state, **kwargs):
+            calls["n"] += 1
+            new_params, new_state = inner.update(grad, params, state, **kwargs)
+            if calls["n"] > trainer.steps:
+                bumped = torch.nextafter(new_params[0].detach(), torch.tensor(math.inf, dtype=params.dtype))
+                new_params = torch.cat([(new_params[:1] - new_params[:1].detach() + bumped), new_params[1:]])
+            return new_params, new_state
+
+    trainer.optimizer = FlakyOptimizer()
     with pytest.raises(mgd.ReplayDivergedError, match="differs from the forward pass"):
-        mgd.metagradient(trainer, objective, k=3)
+        mgd.metagradient(trainer, objective, k=3, vjp=vjp)
 
 
 @mgd.register_metaparam
@@ -236,6 +257,44 @@ def test_new_metaparameter_kind_needs_no_change_to_the_reverse_pass(digits):
         for h in (1e-4, 1e-5)
     ]
     assert min(errors) <= 1e-6
+
+
+def test_mixed_mode_falls_back_once_and_stays_exact(digits):
+    """Forward mode cannot carry input-changing metaparameters or BatchNorm statistics."""
+    from mgd import step_vjp
+
+    step_vjp._WARNED.clear()
+    trainer, objective = tiny_problem(digits, mgd.SGD(momentum=0.9), steps=8, metaparams=("lr", "input_shift"))
+    _, expected = full_unroll_metagradient(trainer, objective)
+    with pytest.warns(step_vjp.MixedModeFallback, match="changes the training inputs") as caught:
+        result = mgd.metagradient(trainer, objective, k=3, vjp="mixed")
+    assert len([w for w in caught if issubclass(w.category, step_vjp.MixedModeFallback)]) == 1
+    for name in ("lr", "input_shift"):
+        assert relative_error(result.grads[name], expected[name]) <= 1e-8, name
+
+    trainer, objective = tiny_problem(digits, mgd.Adam(), steps=8, lr=0.01, model=_bn_model())
+    _, expected = full_unroll_metagradient(trainer, objective)
+    with pytest.warns(step_vjp.MixedModeFallback, match="BatchNorm"):
+        result = mgd.metagradient(trainer, objective, k=3, vjp="mixed")
+    for name in META:
+        assert relative_error(result.grads[name], expected[name]) <= 1e-8, name
+
+
+def test_mixed_mode_on_a_cnn_matches_the_full_unroll(digits):
+    torch.manual_seed(0)
+    model = cnn((1, 8, 8), 10, width=4)
+    trainer, objective = tiny_problem(digits, mgd.Adam(), steps=9, lr=0.01, model=model, weight_decay=1e-2)
+    _, expected = full_unroll_metagradient(trainer, objective)
+    for k in (2, 9):  # gradients handed over by replays, and recomputed
+        result = mgd.metagradient(trainer, objective, k=k, vjp="mixed")
+        for name in META:
+            assert relative_error(result.grads[name], expected[name]) <= 1e-8, (k, name)
+
+
+def test_unknown_vjp_is_a_user_error(digits):
+    trainer, objective = tiny_problem(digits, mgd.SGD(), steps=3)
+    with pytest.raises(mgd.UserError, match="choose one of fused, double-backward, mixed"):
+        mgd.metagradient(trainer, objective, vjp="forward")
 
 
 def test_user_objective_and_cnn(digits):

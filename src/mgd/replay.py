@@ -51,6 +51,13 @@ import torch
 from torch import Tensor
 
 from mgd.errors import ReplayDivergedError, UserError
+from mgd.step_vjp import (
+    StepVJP,
+    differentiate_step,
+    double_backward_vjp,
+    graph_step,
+    mixed_mode_vjp,
+)
 from mgd.training import Trainer, TrainState
 
 __all__ = [
@@ -63,12 +70,16 @@ __all__ = [
     "default_k",
     "StepVJP",
     "double_backward_vjp",
+    "mixed_mode_vjp",
+    "VJP_MODES",
     "MetaGradient",
     "ReplayTrace",
     "metagradient",
 ]
 
 MODES = ("replay", "unrolled")
+#: Named per-step VJPs (``metagradient(vjp=...)``; a :class:`StepVJP` callable also works).
+VJP_MODES = ("fused", "double-backward", "mixed")
 
 # --------------------------------------------------------------------------------- schedule
 
@@ -83,11 +94,16 @@ class Forward:
 
 @dataclass(frozen=True)
 class Replay:
-    """Regenerate states from checkpoint ``start`` up to ``stop``, keeping those at ``store``."""
+    """Regenerate states from checkpoint ``start`` up to ``stop``, keeping those at ``store``.
+
+    ``leaf``: the stored states are those of consecutive steps whose VJPs come next (the
+    bottom of the tree), so the replay may keep each step's graph for its VJP.
+    """
 
     start: int
     stop: int
     store: tuple[int, ...]
+    leaf: bool = False
 
 
 @dataclass(frozen=True)
@@ -142,7 +158,7 @@ def schedule(steps: int, k: int) -> Iterator[Op]:
             yield VJP(a)
             return
         bounds = _split(a, b, k)
-        yield Replay(a, bounds[-2], tuple(bounds[1:-1]))
+        yield Replay(a, bounds[-2], tuple(bounds[1:-1]), leaf=len(bounds) - 1 == b - a)
         yield from children(bounds)
 
     def children(bounds: list[int]) -> Iterator[Op]:
@@ -203,55 +219,6 @@ class ReplayPlan:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-# --------------------------------------------------------------------------------- per-step VJP
-
-
-class StepVJP(Protocol):
-    """``(ā_t, local z̄) = VJP of step t at (s_t, z) applied to ā_{t+1}``.
-
-    Args:
-        trainer: the run.
-        state: ``s_t`` (detached).
-        local: each metaparameter's slice for step ``t`` (detached).
-        wrt: names of the metaparameters whose gradient is needed.
-        adjoint: ``ā_{t+1}``, one tensor per state tensor.
-
-    Returns:
-        ``ā_t`` (one tensor per state tensor) and the gradient of each ``wrt`` slice.
-    """
-
-    def __call__(
-        self,
-        trainer: Trainer,
-        state: TrainState,
-        local: Mapping[str, Tensor],
-        wrt: Sequence[str],
-        adjoint: tuple[Tensor, ...],
-    ) -> tuple[tuple[Tensor, ...], dict[str, Tensor]]: ...
-
-
-def double_backward_vjp(
-    trainer: Trainer,
-    state: TrainState,
-    local: Mapping[str, Tensor],
-    wrt: Sequence[str],
-    adjoint: tuple[Tensor, ...],
-) -> tuple[tuple[Tensor, ...], dict[str, Tensor]]:
-    """The oracle VJP: re-run the step with a graph and differentiate it (``method.md`` §3.1)."""
-    with torch.enable_grad():
-        inputs = tuple(t.detach().requires_grad_(True) for t in state.tensors())
-        local = {
-            name: (value.detach().requires_grad_(True) if name in wrt else value.detach())
-            for name, value in local.items()
-        }
-        outputs = trainer.differentiable_step(inputs, state.step, local)
-        targets = (*inputs, *(local[name] for name in wrt))
-        grads = torch.autograd.grad(outputs, targets, adjoint, allow_unused=True)
-    grads = tuple(torch.zeros_like(x) if g is None else g for g, x in zip(grads, targets))
-    n = len(inputs)
-    return grads[:n], dict(zip(wrt, grads[n:]))
 
 
 # --------------------------------------------------------------------------------- engine
@@ -316,7 +283,7 @@ def metagradient(
     wrt: Sequence[str] | None = None,
     mode: str = "replay",
     k: int | None = None,
-    vjp: StepVJP = double_backward_vjp,
+    vjp: str | StepVJP = "fused",
     horizon: int | None = None,
     trace: ReplayTrace | None = None,
     progress: Callable[[str, int], None] | None = None,
@@ -331,7 +298,12 @@ def metagradient(
         wrt: which metaparameters to differentiate (default: all kinds of the run).
         mode: ``"replay"`` (lazy k-ary tree) or ``"unrolled"`` (store every state).
         k: branching factor for ``"replay"`` (default ``⌈√T⌉``); ``k >= T`` stores everything.
-        vjp: the per-step VJP (default: double-backward).
+        vjp: the per-step VJP, one of :data:`VJP_MODES` or a :class:`StepVJP` callable:
+            ``"fused"`` (default): double-backward, where the bottom-level replays keep each
+            step's graph so that its VJP does not recompute the step (memory: one step's
+            graph per state of a leaf segment); ``"double-backward"``: recompute each step
+            with a graph at its VJP; ``"mixed"``: forward-over-reverse
+            (:func:`~mgd.step_vjp.mixed_mode_vjp`, least memory). All are exact.
         horizon: differentiate only through the last ``horizon`` steps (truncated
             backpropagation: a cheaper, *biased* metagradient that ignores how earlier steps
             shape the end of training; the truncated-unroll baseline). Default: all steps.
@@ -351,6 +323,11 @@ def metagradient(
         raise UserError(f"the replay tree's branching factor k must be >= 2, got {k}")
     if horizon is not None and horizon < 1:
         raise UserError(f"the truncation horizon must be >= 1 step, got {horizon}")
+    if isinstance(vjp, str) and vjp not in VJP_MODES:
+        raise UserError(f"unknown per-step VJP {vjp!r}; choose one of {', '.join(VJP_MODES)}")
+    fused = vjp == "fused"
+    mixed = vjp == "mixed"
+    step_vjp: StepVJP = double_backward_vjp if isinstance(vjp, str) else vjp
     T = trainer.steps
     first_step = 0 if horizon is None else max(0, T - horizon)
     plan = ReplayPlan.build(T, T if mode == "unrolled" else k)
@@ -372,11 +349,30 @@ def metagradient(
         if trace is not None:
             trace.live_checkpoints.append(len(checkpoints))
 
-    def run_forward(start: TrainState, stop: int, store: tuple[int, ...], phase: str) -> TrainState:
+    # Leaf replays hand their work to the VJPs that follow: the graph of each step ("fused")
+    # or its minibatch gradient ("mixed"), keyed by step and dropped once used.
+    graphs: dict[int, tuple] = {}
+    cached_grads: dict[int, Tensor] = {}
+
+    def advance(state: TrainState, keep_work: bool) -> TrainState:
+        t = state.step
+        if keep_work and fused and t >= first_step:
+            local = trainer.local_meta(values, t)
+            inputs, outputs, leaves = graph_step(trainer, state, local, wrt)
+            graphs[t] = (inputs, outputs, leaves)
+            return TrainState.from_tensors(tuple(o.detach() for o in outputs), t + 1)
+        if keep_work and mixed and t >= first_step:
+            state, cached_grads[t] = trainer.step_with_grad(state, values)
+            return state
+        return trainer.step(state, values)
+
+    def run_forward(
+        start: TrainState, stop: int, store: tuple[int, ...], phase: str, leaf: bool = False
+    ) -> TrainState:
         keep = set(store)
         state = start
         while state.step < stop:
-            state = trainer.step(state, values)
+            state = advance(state, leaf)
             t = state.step
             fp = _fingerprint(state)
             if phase == "forward":
@@ -425,14 +421,21 @@ def metagradient(
     grads = {name: torch.zeros_like(values[name]) for name in wrt}
     for op in ops:
         if isinstance(op, Replay):
-            run_forward(checkpoints[op.start], op.stop, op.store, "replay")
+            run_forward(checkpoints[op.start], op.stop, op.store, "replay", leaf=op.leaf)
         elif isinstance(op, VJP):
             if op.step < first_step:
                 # VJPs come in order T-1 .. 0: everything left is before the horizon.
                 break
             state = checkpoints[op.step]
             local = trainer.local_meta(values, op.step)
-            adjoint, local_grads = vjp(trainer, state, local, wrt, adjoint)
+            if op.step in graphs:
+                inputs, outputs, leaves = graphs.pop(op.step)
+                adjoint, local_grads = differentiate_step(outputs, inputs, leaves, wrt, adjoint)
+            elif mixed:
+                grad = cached_grads.pop(op.step, None)
+                adjoint, local_grads = mixed_mode_vjp(trainer, state, local, wrt, adjoint, grad)
+            else:
+                adjoint, local_grads = step_vjp(trainer, state, local, wrt, adjoint)
             index = trainer.batch_indices(op.step)
             for name in wrt:
                 trainer.metaparams[name].accumulate(grads[name], local_grads[name], op.step, index)

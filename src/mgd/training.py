@@ -227,6 +227,11 @@ class Trainer:
         return sum(self._numels)
 
     @property
+    def has_buffers(self) -> bool:
+        """Whether the model carries BatchNorm running statistics in the state."""
+        return bool(self._norms)
+
+    @property
     def num_train(self) -> int:
         return len(self.x_train)
 
@@ -404,15 +409,26 @@ class Trainer:
         index = self.batch_indices(step)
         return {name: mp.local(meta[name], step, index) for name, mp in self.metaparams.items()}
 
+    def example_losses(
+        self, params: Tensor, buffers: Tensor, inputs: StepInputs, step: int
+    ) -> tuple[Tensor, Tensor]:
+        """Unweighted per-example losses ``CE_i`` of the minibatch (train mode), new buffers."""
+        logits, new_buffers = self._train_forward(params, buffers, inputs.x, step)
+        return F.cross_entropy(logits, inputs.y, reduction="none"), new_buffers
+
+    @staticmethod
+    def weighted_mean(losses: Tensor, inputs: StepInputs) -> Tensor:
+        """``(1/B) Σ_i w_i ℓ_i`` (``w_i = 1`` without data weights)."""
+        if inputs.example_weights is not None:
+            losses = inputs.example_weights * losses
+        return losses.sum() / len(losses)
+
     def batch_loss(
         self, params: Tensor, buffers: Tensor, inputs: StepInputs, step: int
     ) -> tuple[Tensor, Tensor]:
         """Minibatch loss ``(1/B) Σ_i w_i CE_i`` (``w_i = 1`` without data weights), new buffers."""
-        logits, new_buffers = self._train_forward(params, buffers, inputs.x, step)
-        losses = F.cross_entropy(logits, inputs.y, reduction="none")
-        if inputs.example_weights is not None:
-            losses = inputs.example_weights * losses
-        return losses.sum() / len(losses), new_buffers
+        losses, new_buffers = self.example_losses(params, buffers, inputs, step)
+        return self.weighted_mean(losses, inputs), new_buffers
 
     def differentiable_step(
         self, state_tensors: tuple[Tensor, ...], step: int, local: Mapping[str, Tensor]
@@ -434,6 +450,14 @@ class Trainer:
 
     def step(self, state: TrainState, meta: Mapping[str, Tensor]) -> TrainState:
         """``s_{t+1} = h_t(s_t, z)``: one training step, no graph kept, inputs untouched."""
+        return self.step_with_grad(state, meta)[0]
+
+    def step_with_grad(self, state: TrainState, meta: Mapping[str, Tensor]) -> tuple[TrainState, Tensor]:
+        """:meth:`step`, also returning the minibatch gradient ``g_t`` it used.
+
+        The mixed-mode VJP of step ``t`` needs ``g_t`` before its Hessian-vector product; a
+        replay that already computed it hands it over instead of recomputing it.
+        """
         t = state.step
         if t >= self.steps:
             raise IndexError(f"step {t} is past the end of training (T={self.steps})")
@@ -448,7 +472,7 @@ class Trainer:
                 grad, state.params, state.opt_state, step=t, lr=inputs.lr,
                 weight_decay=inputs.weight_decay,
             )
-        return TrainState(new_params, tuple(new_opt), new_buffers.detach(), t + 1)
+        return TrainState(new_params, tuple(new_opt), new_buffers.detach(), t + 1), grad
 
     def run(
         self,

@@ -1,0 +1,222 @@
+r"""Per-step vector-Jacobian products: pulling the adjoint back through one training step.
+
+Step ``t`` is ``s_{t+1} = h_t(s_t, z)`` with ``s = (θ, o, b)`` (parameters, optimizer state,
+buffers). It computes the minibatch gradient ``g = ∇_θ L_t(θ; w)``, ``L_t = (1/B) Σ_i w_i ℓ_i``,
+and then the optimizer update ``(θ', o') = U(g, θ, o; η_t, λ)``. Given ``ā_{t+1} =
+(θ̄', ō', b̄')``, the reverse pass needs
+
+.. math::
+    \bar g = (\partial U/\partial g)^\top \bar a_{t+1},\qquad
+    \bar\theta = (\partial U/\partial\theta)^\top \bar a_{t+1} + H_t\,\bar g,\qquad
+    \bar o = (\partial U/\partial o)^\top \bar a_{t+1},\qquad
+    \bar w_i = \tfrac1B\,\nabla\ell_i(\theta)\cdot\bar g,
+
+plus ``η̄_t, λ̄`` from ``U`` (and from there the metaparameters that set them). Two ways:
+
+* :func:`double_backward_vjp` (``method.md`` §3.1): re-run the step with ``create_graph=True``
+  and call ``torch.autograd.grad`` on its outputs: reverse-over-reverse. General (any module,
+  BatchNorm buffers, metaparameters that change the inputs), and on small CPU models the
+  fastest; the REPLAY engine can even keep the graph its replay built (``vjp="fused"``).
+* :func:`mixed_mode_vjp` (MixFlow-MG, Kemaev et al. 2025): the update ``U`` is a handful of
+  elementwise operations, so its VJP comes from autograd on ``U`` alone, given ``g``; the
+  Hessian-vector product ``H_t ḡ`` and *all* per-example terms ``∇ℓ_i·ḡ`` then come from one
+  forward-over-reverse pass: the gradient computation is run on dual numbers
+  ``θ + ε ḡ`` (:mod:`torch.autograd.forward_ad`), whose tangent output is ``H_t ḡ`` and whose
+  per-example losses carry ``∇ℓ_i·ḡ``. No second-order graph is stored, so its memory is that
+  of one gradient computation. ``g`` itself is handed over by the replay that produced
+  ``s_{t+1}`` when it can be.
+
+Forward mode does not cover everything: BatchNorm running statistics (their adjoint needs a
+reverse pass through the batch statistics), metaparameters that change the minibatch's inputs
+or labels (poisons, input shifts) and operators without forward-mode formulas.
+:func:`mixed_mode_vjp` then falls back to :func:`double_backward_vjp` and says so once per
+reason. Both are exact; the tests compare them in float64.
+
+References:
+    Kemaev et al., *Scalable Meta-Learning via Mixed-Mode Differentiation* (MixFlow-MG),
+    ICML 2025; Pearlmutter, *Fast exact multiplication by the Hessian*, 1994.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import replace
+from typing import Mapping, Protocol, Sequence
+
+import torch
+import torch.autograd.forward_ad as fwAD
+from torch import Tensor
+
+from mgd.training import Trainer, TrainState
+
+__all__ = ["StepVJP", "double_backward_vjp", "mixed_mode_vjp", "MixedModeFallback"]
+
+
+class StepVJP(Protocol):
+    """``(ā_t, local z̄) = VJP of step t at (s_t, z) applied to ā_{t+1}``.
+
+    Args:
+        trainer: the run.
+        state: ``s_t`` (detached).
+        local: each metaparameter's slice for step ``t`` (detached).
+        wrt: names of the metaparameters whose gradient is needed.
+        adjoint: ``ā_{t+1}``, one tensor per state tensor.
+
+    Returns:
+        ``ā_t`` (one tensor per state tensor) and the gradient of each ``wrt`` slice.
+    """
+
+    def __call__(
+        self,
+        trainer: Trainer,
+        state: TrainState,
+        local: Mapping[str, Tensor],
+        wrt: Sequence[str],
+        adjoint: tuple[Tensor, ...],
+    ) -> tuple[tuple[Tensor, ...], dict[str, Tensor]]: ...
+
+
+def _leaves(local: Mapping[str, Tensor], wrt: Sequence[str]) -> dict[str, Tensor]:
+    return {
+        name: (value.detach().requires_grad_(True) if name in wrt else value.detach())
+        for name, value in local.items()
+    }
+
+
+def _zeros_for_none(grads: Sequence[Tensor | None], like: Sequence[Tensor]) -> tuple[Tensor, ...]:
+    return tuple(torch.zeros_like(x) if g is None else g for g, x in zip(grads, like))
+
+
+def differentiate_step(
+    outputs: tuple[Tensor, ...],
+    inputs: tuple[Tensor, ...],
+    local: Mapping[str, Tensor],
+    wrt: Sequence[str],
+    adjoint: tuple[Tensor, ...],
+) -> tuple[tuple[Tensor, ...], dict[str, Tensor]]:
+    """Pull ``adjoint`` back through a step whose graph (``inputs → outputs``) exists."""
+    targets = (*inputs, *(local[name] for name in wrt))
+    grads = torch.autograd.grad(outputs, targets, adjoint, allow_unused=True)
+    grads = _zeros_for_none(grads, targets)
+    n = len(inputs)
+    return grads[:n], dict(zip(wrt, grads[n:]))
+
+
+def graph_step(
+    trainer: Trainer, state: TrainState, local: Mapping[str, Tensor], wrt: Sequence[str]
+) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...], dict[str, Tensor]]:
+    """Run step ``state.step`` with a second-order graph: ``(inputs, outputs, local leaves)``."""
+    with torch.enable_grad():
+        inputs = tuple(t.detach().requires_grad_(True) for t in state.tensors())
+        leaves = _leaves(local, wrt)
+        outputs = trainer.differentiable_step(inputs, state.step, leaves)
+    return inputs, outputs, leaves
+
+
+def double_backward_vjp(
+    trainer: Trainer,
+    state: TrainState,
+    local: Mapping[str, Tensor],
+    wrt: Sequence[str],
+    adjoint: tuple[Tensor, ...],
+) -> tuple[tuple[Tensor, ...], dict[str, Tensor]]:
+    """The oracle VJP: re-run the step with a graph and differentiate it (``method.md`` §3.1)."""
+    inputs, outputs, leaves = graph_step(trainer, state, local, wrt)
+    return differentiate_step(outputs, inputs, leaves, wrt, adjoint)
+
+
+class MixedModeFallback(UserWarning):
+    """:func:`mixed_mode_vjp` used double-backward instead (emitted once per reason)."""
+
+
+_WARNED: set[str] = set()
+
+
+def _fall_back(reason: str) -> None:
+    if reason not in _WARNED:
+        _WARNED.add(reason)
+        warnings.warn(
+            f"mixed-mode VJP unavailable ({reason}); using double-backward for these steps "
+            "(exact, just slower or larger)",
+            MixedModeFallback,
+            stacklevel=3,
+        )
+
+
+def forward_mode_blocker(trainer: Trainer) -> str | None:
+    """Why :func:`mixed_mode_vjp` cannot handle this run at all, or ``None``."""
+    if trainer.has_buffers:
+        return "the model has BatchNorm running statistics"
+    return None
+
+
+def mixed_mode_vjp(
+    trainer: Trainer,
+    state: TrainState,
+    local: Mapping[str, Tensor],
+    wrt: Sequence[str],
+    adjoint: tuple[Tensor, ...],
+    grad: Tensor | None = None,
+) -> tuple[tuple[Tensor, ...], dict[str, Tensor]]:
+    """The VJP of one step by mixed-mode differentiation (see the module docstring).
+
+    Args:
+        grad: ``g_t`` if the caller already has it (a replay computed it); else it is
+            recomputed. The other arguments are those of :class:`StepVJP`.
+    """
+    blocker = forward_mode_blocker(trainer)
+    if blocker is not None:
+        _fall_back(blocker)
+        return double_backward_vjp(trainer, state, local, wrt, adjoint)
+    t = state.step
+    params, *opt_state, buffers = state.tensors()
+    with torch.enable_grad():
+        leaves = _leaves(local, wrt)
+        inputs = trainer.step_inputs(t, leaves)
+        if inputs.x.requires_grad:
+            _fall_back("a metaparameter changes the training inputs")
+            return double_backward_vjp(trainer, state, local, wrt, adjoint)
+        constant = replace(
+            inputs,
+            example_weights=None if inputs.example_weights is None else inputs.example_weights.detach(),
+        )
+        if grad is None:
+            p = params.detach().requires_grad_(True)
+            loss, _ = trainer.batch_loss(p, buffers, constant, t)
+            (grad,) = torch.autograd.grad(loss, p)
+        # 1. The optimizer update, differentiated on its own given g (cheap: elementwise).
+        g = grad.detach().requires_grad_(True)
+        theta = params.detach().requires_grad_(True)
+        moments = tuple(m.detach().requires_grad_(True) for m in opt_state)
+        new_params, new_moments = trainer.optimizer.update(
+            g, theta, moments, step=t, lr=inputs.lr, weight_decay=inputs.weight_decay
+        )
+        outputs = (new_params, *new_moments)
+        targets = (g, theta, *moments, *(leaves[name] for name in wrt))
+        grads = _zeros_for_none(
+            torch.autograd.grad(outputs, targets, adjoint[: len(outputs)], allow_unused=True, retain_graph=True),
+            targets,
+        )
+    g_bar, theta_bar, *rest = grads
+    moments_bar, local_bar = rest[: len(moments)], dict(zip(wrt, rest[len(moments):]))
+
+    # 2. Forward-over-reverse: the gradient computation on θ + ε ḡ.
+    with fwAD.dual_level(), torch.enable_grad():
+        p = params.detach().requires_grad_(True)
+        losses, _ = trainer.example_losses(fwAD.make_dual(p, g_bar), buffers, constant, t)
+        (dual_grad,) = torch.autograd.grad(trainer.weighted_mean(losses, constant), p, create_graph=True)
+        hvp = fwAD.unpack_dual(dual_grad).tangent
+        loss_tangents = fwAD.unpack_dual(losses).tangent  # ∇ℓ_i · ḡ
+    theta_bar = theta_bar + (torch.zeros_like(theta_bar) if hvp is None else hvp.detach())
+
+    # 3. Data weights: ∂L/∂w_i · ḡ = ∇ℓ_i·ḡ / B, chained into the metaparameters behind w.
+    weights = inputs.example_weights
+    if weights is not None and weights.requires_grad and loss_tangents is not None:
+        weight_bar = loss_tangents.detach() / len(loss_tangents)
+        targets = [leaves[name] for name in wrt]
+        extra = torch.autograd.grad(weights, targets, weight_bar, allow_unused=True)
+        for name, e in zip(wrt, extra):
+            if e is not None:
+                local_bar[name] = local_bar[name] + e
+    buffers_bar = torch.zeros_like(buffers)
+    return (theta_bar, *moments_bar, buffers_bar), local_bar
