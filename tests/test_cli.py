@@ -36,7 +36,13 @@ def test_grad_writes_one_array_per_metaparameter(tmp_path):
     argv = ["grad", *TINY, "--meta", "lr,data_weights,lr_knots,weight_decay", "--num-knots", "4"]
     assert main([*argv, "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "result.json").read_text())
-    assert result["plan"]["k"] == 4 and result["plan"]["steps"] == 12
+    plan = result["plan"]
+    assert plan["depth"] == 2 and plan["steps"] == 12 and plan["vjp"] == "fused"
+    assert plan["graph_bytes"] > 0 and plan["planned_memory_mb"] > 0
+    # an explicit k and VJP are obeyed
+    assert main([*argv, "--replay-k", "3", "--vjp", "mixed", "--out", str(tmp_path / "k3"), "--quiet"]) == 0
+    plan = json.loads((tmp_path / "k3" / "result.json").read_text())["plan"]
+    assert plan["k"] == 3 and plan["vjp"] == "mixed" and plan["max_live_graphs"] == 0
     assert result["timing"]["total_s"] > 0 and "peak_memory_mb" in result
     with np.load(tmp_path / "metagrad.npz", allow_pickle=False) as grads:
         assert sorted(grads.files) == ["data_weights", "lr", "lr_knots", "weight_decay"]
@@ -86,11 +92,18 @@ def test_module_entry_point_and_version():
 def test_estimate_prints_plan(capsys):
     assert main(["estimate", "--steps", "3000", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["replay"]["k"] == 55 and report["replay"]["depth"] == 2
-    assert report["unrolled"]["max_live_checkpoints"] == 3000
-    assert report["replay"]["checkpoint_memory_mb"] < report["unrolled"]["checkpoint_memory_mb"] / 10
+    assert report["plan"] == report["lean"] and report["plan"]["depth"] == 2
+    assert report["graph_bytes"] > 0 and report["plan"]["max_live_graphs"] > 0
+    assert report["store all"]["max_live_checkpoints"] == 3000
+    assert report["plan"]["memory_mb"] < report["store all"]["memory_mb"] / 10
+    # a budget that holds every state buys the fastest plan; a small one a deeper tree
+    assert main(["estimate", "--steps", "3000", "--memory-budget", "2GB", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["plan"]["k"] == 3000
+    assert main(["estimate", "--steps", "3000", "--memory-budget", "5MB", "--json"]) == 0
+    small = json.loads(capsys.readouterr().out)["plan"]
+    assert small["depth"] > 2 and small["memory_mb"] <= 5
     assert main(["estimate", "--steps", "100", "--replay-k", "2"]) == 0
-    assert "replay" in capsys.readouterr().out
+    assert "plan" in capsys.readouterr().out
 
 
 def test_no_subcommand_prints_help_and_fails(capsys):
@@ -140,13 +153,16 @@ def bad_inputs(tmp: "os.PathLike") -> dict[str, tuple[list[str], str]]:
         "unknown meta": (["grad", "--meta", "lr,momentum"], "--meta: unknown momentum"),
         "empty meta": (["grad", "--meta", ","], "--meta is empty"),
         "batch too large": (["train", "--batch-size", "5000"], "batch size"),
+        "unreadable budget": (["grad", "--memory-budget", "lots"], "cannot read memory size 'lots'"),
+        "budget too small": (["grad", "--memory-budget", "100KB"], "raise --memory-budget"),
+        "unknown vjp": (["grad", "--vjp", "forward"], "--vjp: invalid choice"),
     }
 
 
 CASES = [
     "unknown dataset", "malformed npz", "mismatched npz", "missing array", "labels out of range",
     "wrong length", "NaN weights", "pickled file", "missing file", "negative steps", "k < 2",
-    "unknown meta", "empty meta", "batch too large",
+    "unknown meta", "empty meta", "batch too large", "unreadable budget", "budget too small", "unknown vjp",
 ]
 
 

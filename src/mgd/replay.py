@@ -51,12 +51,15 @@ import torch
 from torch import Tensor
 
 from mgd.errors import ReplayDivergedError, UserError
+from mgd.memory import default_memory_budget, format_bytes, step_graph_bytes
 from mgd.step_vjp import (
+    GradGraph,
     StepVJP,
-    differentiate_step,
     double_backward_vjp,
-    graph_step,
+    grad_graph,
     mixed_mode_vjp,
+    next_state,
+    pull_back,
 )
 from mgd.training import Trainer, TrainState
 
@@ -185,6 +188,10 @@ class ReplayPlan:
         forward_steps: steps of the initial forward pass (T).
         replayed_steps: steps re-run during the reverse pass.
         extra_passes: ``replayed_steps / T``.
+        fused: leaf replays keep each step's graph for its VJP (``vjp="fused"``).
+        max_live_graphs: peak number of kept step graphs (0 unless ``fused``).
+        frontier: the Pareto-maximal ``(checkpoints, graphs)`` pairs alive at once, from which
+            :meth:`peak_bytes` takes the peak for any state and graph size.
     """
 
     steps: int
@@ -194,31 +201,119 @@ class ReplayPlan:
     forward_steps: int
     replayed_steps: int
     extra_passes: float
+    fused: bool = False
+    max_live_graphs: int = 0
+    frontier: tuple[tuple[int, int], ...] = ((1, 0),)
 
     @classmethod
-    def build(cls, steps: int, k: int | None = None) -> "ReplayPlan":
+    def build(cls, steps: int, k: int | None = None, *, fused: bool = False) -> "ReplayPlan":
         k = default_k(steps) if k is None else int(k)
-        live, peak, replayed, depth = 0, 0, 0, 0
+        live, graphs, replayed = 0, 0, 0
+        with_graph: set[int] = set()
+        pairs: set[tuple[int, int]] = set()
         for op in schedule(steps, k):
             if isinstance(op, Forward):
                 live = 1 + len(op.store)
             elif isinstance(op, Replay):
-                live += len(op.store)
                 replayed += op.stop - op.start
+                store = set(op.store)
+                for t in range(op.start, op.stop):
+                    if fused and op.leaf:
+                        with_graph.add(t)
+                        graphs += 1
+                    if t + 1 in store:
+                        live += 1
+                    pairs.add((live, graphs))
+            elif isinstance(op, VJP):
+                if op.step in with_graph:
+                    with_graph.discard(op.step)
+                    graphs -= 1
             elif isinstance(op, Free):
                 live -= 1
-            peak = max(peak, live)
+            pairs.add((live, graphs))
+        frontier = tuple(sorted(
+            (c, g) for c, g in pairs if not any(c2 >= c and g2 >= g and (c2, g2) != (c, g) for c2, g2 in pairs)
+        ))
         depth = 0
         while k**depth < steps:
             depth += 1
-        return cls(steps, k, depth, peak, steps, replayed, replayed / steps)
+        return cls(
+            steps, k, depth, max(c for c, _ in pairs), steps, replayed, replayed / steps,
+            fused, max(g for _, g in pairs), frontier,
+        )
 
-    def memory_bytes(self, state_bytes: int) -> int:
-        """Checkpoint memory plus the adjoint (one state) and the final state."""
-        return (self.max_live_checkpoints + 2) * state_bytes
+    def peak_bytes(self, state_bytes: int, graph_bytes: int = 0) -> int:
+        """Peak of stored states and kept graphs, plus the adjoint and the final state.
+
+        The working set of the step being computed (activations, one transient graph) comes
+        on top.
+        """
+        held = max(c * state_bytes + g * graph_bytes for c, g in self.frontier)
+        return held + 2 * state_bytes
+
+    def memory_bytes(self, state_bytes: int, graph_bytes: int = 0) -> int:
+        """Alias of :meth:`peak_bytes`."""
+        return self.peak_bytes(state_bytes, graph_bytes)
+
+    @classmethod
+    def choose(
+        cls,
+        steps: int,
+        state_bytes: int,
+        graph_bytes: int = 0,
+        budget: int | None = None,
+        *,
+        fused: bool = True,
+        cap: int | None = None,
+    ) -> "ReplayPlan":
+        """The plan for a memory budget (``--memory-budget``).
+
+        * ``budget`` given: the fastest plan whose :meth:`peak_bytes` fits in it: every state
+          stored if that fits; else a two-level tree (one extra training run), the one with
+          the least memory; else the shallowest deeper tree that fits.
+        * ``budget=None``: the lean default, a two-level tree with the least memory (states
+          ``~ 2√(T·S·G)`` with fused graphs, ``~ 2√T·S`` without): one extra run for
+          ``O(√T)`` memory; deeper only if that does not fit in ``cap`` (default: half the
+          available RAM).
+
+        Raises:
+            UserError: not even the deepest tree (``k = 2``) fits.
+        """
+        if steps <= 2:
+            return cls.build(steps, steps)
+        root = default_k(steps)
+        grid = sorted({min(steps - 1, int(round(root * 1.2**j))) for j in range(16)})
+        two_level = [cls.build(steps, k, fused=fused) for k in grid]
+        lean = min(two_level, key=lambda plan: (plan.peak_bytes(state_bytes, graph_bytes), -plan.k))
+        if budget is None:
+            if cap is None or lean.peak_bytes(state_bytes, graph_bytes) <= cap:
+                return lean
+            budget = cap
+        everything = cls.build(steps, steps)
+        if everything.peak_bytes(state_bytes) <= budget:
+            return everything
+        if lean.peak_bytes(state_bytes, graph_bytes) <= budget:
+            return lean
+        k = root - 1
+        while k >= 2:  # deeper trees: less memory, one more replay per level
+            plan = cls.build(steps, k, fused=fused)
+            if plan.peak_bytes(state_bytes, graph_bytes) <= budget:
+                return plan
+            k = min(k - 1, int(k / 1.25))
+        if fused and graph_bytes:
+            return cls.choose(steps, state_bytes, 0, budget, fused=False)
+        smallest = cls.build(steps, 2)
+        raise UserError(
+            f"the memory budget {format_bytes(budget)} is too small for {steps} steps: even the "
+            f"deepest replay tree (k=2, {smallest.depth} levels) keeps "
+            f"{format_bytes(smallest.peak_bytes(state_bytes))} of states ({format_bytes(state_bytes)} "
+            "each); raise --memory-budget or shorten the run"
+        )
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        data["frontier"] = [list(pair) for pair in self.frontier]
+        return data
 
 
 # --------------------------------------------------------------------------------- engine
@@ -232,6 +327,7 @@ class ReplayTrace:
         events: ``("forward"|"replay"|"vjp", step)`` in execution order; for forward and
             replay, ``step`` is the index of the state just produced.
         live_checkpoints: number of stored states after each change.
+        live_graphs: number of step graphs kept by fused leaf replays, after each change.
         keep_states: also keep a copy of every state produced by a replay, keyed by step
             (a list per step, one entry per regeneration).
     """
@@ -239,6 +335,7 @@ class ReplayTrace:
     keep_states: bool = False
     events: list[tuple[str, int]] = field(default_factory=list)
     live_checkpoints: list[int] = field(default_factory=list)
+    live_graphs: list[int] = field(default_factory=list)
     replayed_states: dict[int, list[TrainState]] = field(default_factory=dict)
     forward_states: dict[int, TrainState] = field(default_factory=dict)
 
@@ -257,6 +354,8 @@ class MetaGradient:
         final_state: ``s_T``.
         plan: the replay plan that was executed.
         timings: seconds spent in the forward pass and the reverse pass.
+        memory: ``state_bytes``, ``graph_bytes`` (one kept step graph), ``budget_bytes`` and
+            the plan's ``planned_peak_bytes`` (:meth:`ReplayPlan.peak_bytes`).
     """
 
     value: float
@@ -264,6 +363,7 @@ class MetaGradient:
     final_state: TrainState
     plan: ReplayPlan
     timings: dict[str, float]
+    memory: dict[str, int | None] = field(default_factory=dict)
 
 
 def _fingerprint(state: TrainState) -> Tensor:
@@ -285,6 +385,7 @@ def metagradient(
     k: int | None = None,
     vjp: str | StepVJP = "fused",
     horizon: int | None = None,
+    memory_budget: int | None = None,
     trace: ReplayTrace | None = None,
     progress: Callable[[str, int], None] | None = None,
 ) -> MetaGradient:
@@ -297,7 +398,11 @@ def metagradient(
         meta: metaparameter values (missing kinds take their neutral default).
         wrt: which metaparameters to differentiate (default: all kinds of the run).
         mode: ``"replay"`` (lazy k-ary tree) or ``"unrolled"`` (store every state).
-        k: branching factor for ``"replay"`` (default ``⌈√T⌉``); ``k >= T`` stores everything.
+        k: branching factor for ``"replay"``; ``k >= T`` stores everything. Default: chosen
+            by :meth:`ReplayPlan.choose` from ``memory_budget``.
+        memory_budget: bytes the plan may keep (states and kept graphs; the working set of
+            one step comes on top). ``None``: the lean two-level tree, deeper only if that
+            exceeds half the available RAM. Ignored when ``k`` is given.
         vjp: the per-step VJP, one of :data:`VJP_MODES` or a :class:`StepVJP` callable:
             ``"fused"`` (default): double-backward, where the bottom-level replays keep each
             step's graph so that its VJP does not recompute the step (memory: one step's
@@ -330,7 +435,6 @@ def metagradient(
     step_vjp: StepVJP = double_backward_vjp if isinstance(vjp, str) else vjp
     T = trainer.steps
     first_step = 0 if horizon is None else max(0, T - horizon)
-    plan = ReplayPlan.build(T, T if mode == "unrolled" else k)
     values = trainer.check_meta(meta or {})
     wrt = list(values) if wrt is None else list(wrt)
     missing = [name for name in wrt if name not in values]
@@ -341,6 +445,19 @@ def metagradient(
         )
 
     s0 = trainer.init_state()
+    state_bytes = s0.nbytes()
+    graph_bytes = 0
+    if mode == "unrolled":
+        plan = ReplayPlan.build(T, T)
+    elif k is not None:
+        plan = ReplayPlan.build(T, k, fused=fused)
+    else:
+        if fused:
+            graph_bytes = step_graph_bytes(trainer, s0, trainer.local_meta(values, 0), wrt)
+        plan = ReplayPlan.choose(
+            T, state_bytes, graph_bytes, memory_budget, fused=fused, cap=default_memory_budget()
+        )
+    fused = fused and plan.fused
     checkpoints: dict[int, TrainState] = {}
     forward_fp = torch.zeros(T + 1, len(s0.tensors()), dtype=torch.int64, device=trainer.device)
     diverged = torch.zeros(T + 1, dtype=torch.bool, device=trainer.device)
@@ -348,19 +465,19 @@ def metagradient(
     def note_live() -> None:
         if trace is not None:
             trace.live_checkpoints.append(len(checkpoints))
+            trace.live_graphs.append(len(graphs))
 
     # Leaf replays hand their work to the VJPs that follow: the graph of each step ("fused")
     # or its minibatch gradient ("mixed"), keyed by step and dropped once used.
-    graphs: dict[int, tuple] = {}
+    graphs: dict[int, GradGraph] = {}
     cached_grads: dict[int, Tensor] = {}
 
     def advance(state: TrainState, keep_work: bool) -> TrainState:
         t = state.step
         if keep_work and fused and t >= first_step:
-            local = trainer.local_meta(values, t)
-            inputs, outputs, leaves = graph_step(trainer, state, local, wrt)
-            graphs[t] = (inputs, outputs, leaves)
-            return TrainState.from_tensors(tuple(o.detach() for o in outputs), t + 1)
+            graphs[t] = grad_graph(trainer, state, trainer.local_meta(values, t), wrt)
+            note_live()
+            return next_state(trainer, state, graphs[t])
         if keep_work and mixed and t >= first_step:
             state, cached_grads[t] = trainer.step_with_grad(state, values)
             return state
@@ -429,8 +546,9 @@ def metagradient(
             state = checkpoints[op.step]
             local = trainer.local_meta(values, op.step)
             if op.step in graphs:
-                inputs, outputs, leaves = graphs.pop(op.step)
-                adjoint, local_grads = differentiate_step(outputs, inputs, leaves, wrt, adjoint)
+                graph = graphs.pop(op.step)
+                note_live()
+                adjoint, local_grads = pull_back(trainer, state, graph, wrt, adjoint)
             elif mixed:
                 grad = cached_grads.pop(op.step, None)
                 adjoint, local_grads = mixed_mode_vjp(trainer, state, local, wrt, adjoint, grad)
@@ -461,4 +579,10 @@ def metagradient(
         final_state=final,
         plan=plan,
         timings={"forward_s": forward_seconds, "reverse_s": reverse_seconds},
+        memory={
+            "state_bytes": state_bytes,
+            "graph_bytes": graph_bytes,
+            "budget_bytes": memory_budget,
+            "planned_peak_bytes": plan.peak_bytes(state_bytes, graph_bytes),
+        },
     )

@@ -40,16 +40,20 @@ References:
 from __future__ import annotations
 
 import warnings
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Mapping, Protocol, Sequence
 
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
+from mgd.metaparams import StepInputs
 from mgd.training import Trainer, TrainState
 
-__all__ = ["StepVJP", "double_backward_vjp", "mixed_mode_vjp", "MixedModeFallback"]
+__all__ = [
+    "StepVJP", "GradGraph", "grad_graph", "next_state", "pull_back", "double_backward_vjp",
+    "mixed_mode_vjp", "MixedModeFallback",
+]
 
 
 class StepVJP(Protocol):
@@ -87,30 +91,119 @@ def _zeros_for_none(grads: Sequence[Tensor | None], like: Sequence[Tensor]) -> t
     return tuple(torch.zeros_like(x) if g is None else g for g, x in zip(grads, like))
 
 
-def differentiate_step(
-    outputs: tuple[Tensor, ...],
-    inputs: tuple[Tensor, ...],
-    local: Mapping[str, Tensor],
+def _detached(value):
+    return value.detach() if isinstance(value, Tensor) else value
+
+
+@dataclass
+class GradGraph:
+    """Step ``step``'s minibatch gradient with the graph that differentiates it once more.
+
+    Only the gradient computation is recorded (``create_graph=True``); the optimizer update,
+    a few elementwise operations, is re-run on its own by :func:`pull_back`. A kept graph
+    therefore holds the activations and the gradient, not the update's temporaries.
+
+    Attributes:
+        params, buffers: leaves aliasing ``s_t``'s parameters and buffers (no copies).
+        leaves: the metaparameter slices (leaves for those differentiated).
+        inputs: what the step consumed (``lr``, ``weight_decay`` and the example weights keep
+            their graph to ``leaves``).
+        grad: ``g_t``, differentiable in ``params``, ``leaves`` (through the weights).
+        new_buffers: the new BatchNorm statistics, differentiable in ``params`` and ``buffers``.
+    """
+
+    step: int
+    params: Tensor
+    buffers: Tensor
+    leaves: dict[str, Tensor]
+    inputs: StepInputs
+    grad: Tensor
+    new_buffers: Tensor
+
+
+def grad_graph(
+    trainer: Trainer, state: TrainState, local: Mapping[str, Tensor], wrt: Sequence[str]
+) -> GradGraph:
+    """Compute ``g_t`` at ``s_t`` keeping its graph (see :class:`GradGraph`)."""
+    t = state.step
+    with torch.enable_grad():
+        params = state.params.detach().requires_grad_(True)
+        buffers = state.buffers.detach().requires_grad_(True)
+        leaves = _leaves(local, wrt)
+        inputs = trainer.step_inputs(t, leaves)
+        loss, new_buffers = trainer.batch_loss(params, buffers, inputs, t)
+        (grad,) = torch.autograd.grad(loss, params, create_graph=True)
+    return GradGraph(t, params, buffers, leaves, inputs, grad, new_buffers)
+
+
+def next_state(trainer: Trainer, state: TrainState, graph: GradGraph) -> TrainState:
+    """``s_{t+1}`` from a :class:`GradGraph`: the same arithmetic as :meth:`Trainer.step`."""
+    with torch.no_grad():
+        new_params, new_opt = trainer.optimizer.update(
+            graph.grad.detach(), state.params, state.opt_state, step=state.step,
+            lr=graph.inputs.lr.detach(), weight_decay=_detached(graph.inputs.weight_decay),
+        )
+    return TrainState(new_params, tuple(new_opt), graph.new_buffers.detach(), state.step + 1)
+
+
+def _update_pullback(
+    trainer: Trainer,
+    state: TrainState,
+    grad: Tensor,
+    inputs: StepInputs,
+    leaves: Mapping[str, Tensor],
+    wrt: Sequence[str],
+    adjoint: tuple[Tensor, ...],
+) -> tuple[Tensor, Tensor, tuple[Tensor, ...], dict[str, Tensor]]:
+    """``(ḡ, ∂U/∂θᵀā, ∂U/∂oᵀā, z̄ through η and λ)``: autograd on the update ``U`` alone."""
+    with torch.enable_grad():
+        g = grad.detach().requires_grad_(True)
+        theta = state.params.detach().requires_grad_(True)
+        moments = tuple(m.detach().requires_grad_(True) for m in state.opt_state)
+        new_params, new_moments = trainer.optimizer.update(
+            g, theta, moments, step=state.step, lr=inputs.lr, weight_decay=inputs.weight_decay
+        )
+        outputs = (new_params, *new_moments)
+        targets = (g, theta, *moments, *(leaves[name] for name in wrt))
+        # retain_graph: a metaparameter's own graph (e.g. lr knots) may be walked again below
+        grads = _zeros_for_none(
+            torch.autograd.grad(outputs, targets, adjoint[: len(outputs)], allow_unused=True, retain_graph=True),
+            targets,
+        )
+    n = len(moments)
+    return grads[0], grads[1], tuple(grads[2 : 2 + n]), dict(zip(wrt, grads[2 + n :]))
+
+
+def _add(local_bar: dict[str, Tensor], wrt: Sequence[str], extra: Sequence[Tensor | None]) -> None:
+    for name, e in zip(wrt, extra):
+        if e is not None:
+            local_bar[name] = local_bar[name] + e
+
+
+def pull_back(
+    trainer: Trainer,
+    state: TrainState,
+    graph: GradGraph,
     wrt: Sequence[str],
     adjoint: tuple[Tensor, ...],
 ) -> tuple[tuple[Tensor, ...], dict[str, Tensor]]:
-    """Pull ``adjoint`` back through a step whose graph (``inputs → outputs``) exists."""
-    targets = (*inputs, *(local[name] for name in wrt))
-    grads = torch.autograd.grad(outputs, targets, adjoint, allow_unused=True)
-    grads = _zeros_for_none(grads, targets)
-    n = len(inputs)
-    return grads[:n], dict(zip(wrt, grads[n:]))
+    """The VJP of step ``t`` given its :class:`GradGraph`: reverse-over-reverse.
 
-
-def graph_step(
-    trainer: Trainer, state: TrainState, local: Mapping[str, Tensor], wrt: Sequence[str]
-) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...], dict[str, Tensor]]:
-    """Run step ``state.step`` with a second-order graph: ``(inputs, outputs, local leaves)``."""
-    with torch.enable_grad():
-        inputs = tuple(t.detach().requires_grad_(True) for t in state.tensors())
-        leaves = _leaves(local, wrt)
-        outputs = trainer.differentiable_step(inputs, state.step, leaves)
-    return inputs, outputs, leaves
+    First the update's VJP gives ``ḡ``; then one backward pass through the kept gradient graph
+    gives ``H_t ḡ``, the data-weight terms and the BatchNorm statistics' share.
+    """
+    g_bar, theta_bar, moments_bar, local_bar = _update_pullback(
+        trainer, state, graph.grad, graph.inputs, graph.leaves, wrt, adjoint
+    )
+    outputs, seeds = [graph.grad], [g_bar]
+    if graph.new_buffers.requires_grad:
+        outputs.append(graph.new_buffers)
+        seeds.append(adjoint[-1])
+    targets = (graph.params, graph.buffers, *(graph.leaves[name] for name in wrt))
+    grads = torch.autograd.grad(outputs, targets, seeds, allow_unused=True)
+    params_bar, buffers_bar = _zeros_for_none(grads[:2], targets[:2])
+    _add(local_bar, wrt, grads[2:])
+    return (theta_bar + params_bar, *moments_bar, buffers_bar), local_bar
 
 
 def double_backward_vjp(
@@ -120,9 +213,8 @@ def double_backward_vjp(
     wrt: Sequence[str],
     adjoint: tuple[Tensor, ...],
 ) -> tuple[tuple[Tensor, ...], dict[str, Tensor]]:
-    """The oracle VJP: re-run the step with a graph and differentiate it (``method.md`` §3.1)."""
-    inputs, outputs, leaves = graph_step(trainer, state, local, wrt)
-    return differentiate_step(outputs, inputs, leaves, wrt, adjoint)
+    """The oracle VJP: recompute ``g_t`` with a graph and differentiate it (``method.md`` §3.1)."""
+    return pull_back(trainer, state, grad_graph(trainer, state, local, wrt), wrt, adjoint)
 
 
 class MixedModeFallback(UserWarning):
@@ -184,21 +276,10 @@ def mixed_mode_vjp(
             p = params.detach().requires_grad_(True)
             loss, _ = trainer.batch_loss(p, buffers, constant, t)
             (grad,) = torch.autograd.grad(loss, p)
-        # 1. The optimizer update, differentiated on its own given g (cheap: elementwise).
-        g = grad.detach().requires_grad_(True)
-        theta = params.detach().requires_grad_(True)
-        moments = tuple(m.detach().requires_grad_(True) for m in opt_state)
-        new_params, new_moments = trainer.optimizer.update(
-            g, theta, moments, step=t, lr=inputs.lr, weight_decay=inputs.weight_decay
-        )
-        outputs = (new_params, *new_moments)
-        targets = (g, theta, *moments, *(leaves[name] for name in wrt))
-        grads = _zeros_for_none(
-            torch.autograd.grad(outputs, targets, adjoint[: len(outputs)], allow_unused=True, retain_graph=True),
-            targets,
-        )
-    g_bar, theta_bar, *rest = grads
-    moments_bar, local_bar = rest[: len(moments)], dict(zip(wrt, rest[len(moments):]))
+    # 1. The optimizer update, differentiated on its own given g (cheap: elementwise).
+    g_bar, theta_bar, moments_bar, local_bar = _update_pullback(
+        trainer, state, grad, inputs, leaves, wrt, adjoint
+    )
 
     # 2. Forward-over-reverse: the gradient computation on θ + ε ḡ.
     with fwAD.dual_level(), torch.enable_grad():
@@ -213,10 +294,7 @@ def mixed_mode_vjp(
     weights = inputs.example_weights
     if weights is not None and weights.requires_grad and loss_tangents is not None:
         weight_bar = loss_tangents.detach() / len(loss_tangents)
-        targets = [leaves[name] for name in wrt]
-        extra = torch.autograd.grad(weights, targets, weight_bar, allow_unused=True)
-        for name, e in zip(wrt, extra):
-            if e is not None:
-                local_bar[name] = local_bar[name] + e
+        extra = torch.autograd.grad(weights, [leaves[name] for name in wrt], weight_bar, allow_unused=True)
+        _add(local_bar, wrt, extra)
     buffers_bar = torch.zeros_like(buffers)
     return (theta_bar, *moments_bar, buffers_bar), local_bar

@@ -127,7 +127,33 @@ def configure_torch(args: argparse.Namespace) -> None:
 
 def add_replay_k_flag(parser) -> None:
     parser.add_argument("--replay-k", type=replay_k, metavar="K",
-                        help="REPLAY tree branching factor >= 2 (default: ceil(sqrt(steps)))")
+                        help="REPLAY tree branching factor >= 2 (default: the lean two-level tree, "
+                             "about sqrt(steps))")
+
+
+def memory_size(text: str) -> int:
+    """An argparse type for ``--memory-budget`` (``500MB``, ``2GB``, bytes)."""
+    from mgd.memory import parse_memory_size
+
+    try:
+        return parse_memory_size(text)
+    except UserError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def add_plan_flags(parser) -> None:
+    """``--replay-k``, ``--memory-budget`` and ``--vjp``: how the reverse pass is planned."""
+    from mgd.replay import VJP_MODES
+
+    add_replay_k_flag(parser)
+    parser.add_argument("--memory-budget", type=memory_size, metavar="SIZE",
+                        help="memory the reverse pass may keep (states and kept graphs), e.g. 500MB: "
+                             "the fastest plan that fits (every state stored if it fits). Default: the "
+                             "lean two-level tree (one extra training run), capped at half the available RAM")
+    parser.add_argument("--vjp", choices=VJP_MODES, default="fused",
+                        help="per-step VJP: fused (double-backward on the graph the replay kept; "
+                             "fastest on CPU), double-backward (recompute each step), mixed "
+                             "(forward-over-reverse; least memory) (default: %(default)s)")
 
 
 def add_output_flags(parser: argparse.ArgumentParser, default_out: str) -> None:

@@ -1,23 +1,26 @@
-"""``mgd estimate``: print the replay plan and its memory for a configuration, without training."""
+"""``mgd estimate``: the reverse pass's plan and memory for a configuration, without training."""
 
 from __future__ import annotations
 
 import argparse
 import json
 
-from mgd.cli.common import add_replay_k_flag, add_run_flags, config_from_args, configure_torch
+from mgd.cli.common import add_plan_flags, add_run_flags, config_from_args, configure_torch
 from mgd.config import build_problem
+from mgd.memory import default_memory_budget, step_graph_bytes
 from mgd.replay import ReplayPlan
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "estimate",
-        help="print the replay plan (k, depth, checkpoints, extra passes, memory) without running",
-        description="Dry run: count what `mgd grad` would store and replay for this configuration.",
+        help="print the replay plan (k, depth, checkpoints, kept graphs, extra passes, memory) without running",
+        description="Dry run: what `mgd grad` would store and replay for this configuration and "
+        "these plan flags, next to the lean default and storing every state. Runs one step with "
+        "a graph to measure what a kept step graph costs; trains nothing.",
     )
     add_run_flags(parser)
-    add_replay_k_flag(parser)
+    add_plan_flags(parser)
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.set_defaults(run=run)
 
@@ -26,32 +29,52 @@ def run(args: argparse.Namespace) -> int:
     configure_torch(args)
     config = config_from_args(args)
     problem = build_problem(config)  # builds the model to count parameters; trains nothing
-    state_bytes = problem.trainer.init_state().nbytes()
+    trainer = problem.trainer
+    state = trainer.init_state()
+    state_bytes = state.nbytes()
+    fused = args.vjp == "fused"
+    wrt = list(trainer.metaparams)
+    graph_bytes = step_graph_bytes(trainer, state, trainer.local_meta(trainer.default_meta(), 0), wrt)
+    cap = default_memory_budget()
+    T = config.steps
+    if args.replay_k is not None:
+        chosen = ReplayPlan.build(T, args.replay_k, fused=fused)
+    else:
+        chosen = ReplayPlan.choose(T, state_bytes, graph_bytes if fused else 0, args.memory_budget,
+                                   fused=fused, cap=cap)
     rows = {
-        "replay": ReplayPlan.build(config.steps, args.replay_k),
-        "unrolled": ReplayPlan.build(config.steps, config.steps),
+        "plan": chosen,
+        "lean": ReplayPlan.choose(T, state_bytes, graph_bytes, fused=True, cap=cap),
+        "store all": ReplayPlan.build(T, T),
     }
+
+    def memory_mb(plan: ReplayPlan) -> float:
+        return plan.peak_bytes(state_bytes, graph_bytes if plan.fused else 0) / 2**20
+
     report = {
-        "num_params": problem.trainer.num_params,
+        "num_params": trainer.num_params,
         "state_bytes": state_bytes,
-        **{
-            mode: {**plan.to_dict(), "checkpoint_memory_mb": plan.memory_bytes(state_bytes) / 2**20}
-            for mode, plan in rows.items()
-        },
+        "graph_bytes": graph_bytes,
+        "memory_budget_bytes": args.memory_budget,
+        "available_ram_cap_bytes": cap,
+        "vjp": args.vjp,
+        **{name: {**plan.to_dict(), "memory_mb": memory_mb(plan)} for name, plan in rows.items()},
     }
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
     print(
         f"{config.model} on {problem.dataset.name}: {report['num_params']:,} parameters, "
-        f"{config.optimizer} state {state_bytes / 2**20:.2f} MB ({config.dtype}), T={config.steps}"
+        f"{config.optimizer} state {state_bytes / 2**20:.2f} MB, one kept step graph "
+        f"{graph_bytes / 2**20:.2f} MB ({config.dtype}), T={T}"
     )
-    print(f"{'mode':<10}{'k':>7}{'depth':>7}{'checkpoints':>13}{'replayed steps':>16}{'extra passes':>14}{'memory MB':>11}")
-    for mode, plan in rows.items():
-        memory = report[mode]["checkpoint_memory_mb"]
+    print(f"{'':<10}{'k':>7}{'depth':>7}{'checkpoints':>13}{'graphs':>8}{'replayed steps':>16}"
+          f"{'extra passes':>14}{'memory MB':>11}")
+    for name, plan in rows.items():
         print(
-            f"{mode:<10}{plan.k:>7}{plan.depth:>7}{plan.max_live_checkpoints:>13}"
-            f"{plan.replayed_steps:>16}{plan.extra_passes:>14.2f}{memory:>11.1f}"
+            f"{name:<10}{plan.k:>7}{plan.depth:>7}{plan.max_live_checkpoints:>13}{plan.max_live_graphs:>8}"
+            f"{plan.replayed_steps:>16}{plan.extra_passes:>14.2f}{memory_mb(plan):>11.1f}"
         )
-    print("memory = (checkpoints + adjoint + final state) x state size; activations of one step come on top")
+    print("memory = peak of (checkpoints x state + kept graphs x graph) + adjoint + final state; "
+          "the working set of one step comes on top")
     return 0

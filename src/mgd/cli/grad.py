@@ -11,7 +11,7 @@ from mgd import __version__
 from mgd._resources import peak_memory
 from mgd.cli.common import (
     add_output_flags,
-    add_replay_k_flag,
+    add_plan_flags,
     add_run_flags,
     config_from_args,
     configure_torch,
@@ -38,7 +38,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "(default: %(default)s)")
     r.add_argument("--mode", choices=MODES, default="replay",
                    help="replay: lazy k-ary checkpoint tree; unrolled: store every state (default: %(default)s)")
-    add_replay_k_flag(r)
+    add_plan_flags(r)
     add_output_flags(parser, "runs/grad")
     parser.set_defaults(run=run)
 
@@ -59,20 +59,19 @@ def run(args: argparse.Namespace) -> int:
         with peak_memory() as memory:
             result = metagradient(
                 problem.trainer, problem.val_objective(), meta, wrt=wrt, mode=args.mode,
-                k=args.replay_k, progress=progress,
+                k=args.replay_k, memory_budget=args.memory_budget, vjp=args.vjp, progress=progress,
             )
         seconds = time.perf_counter() - started
     metrics = problem.evaluate(result.final_state)
     grads = {name: g.detach().cpu().double().numpy() for name, g in result.grads.items()}
-    state_bytes = result.final_state.nbytes()
     summary = {
         "val_loss": result.value,
         "val_accuracy": metrics["val_accuracy"],
         "test_accuracy": metrics["test_accuracy"],
         "metagrad_norms": {name: float(np.linalg.norm(g)) for name, g in grads.items()},
         "mode": args.mode,
-        "plan": {**result.plan.to_dict(), "state_bytes": state_bytes,
-                 "checkpoint_memory_mb": result.plan.memory_bytes(state_bytes) / 2**20},
+        "plan": {**result.plan.to_dict(), "vjp": args.vjp, **result.memory,
+                 "planned_memory_mb": result.memory["planned_peak_bytes"] / 2**20},
         "timing": {**result.timings, "total_s": seconds},
         "peak_memory_mb": memory.extra_mb,
         "config": config.to_dict(),
@@ -98,7 +97,8 @@ def describe(summary: dict, grads: dict[str, np.ndarray]) -> str:
         f"val loss {summary['val_loss']:.4f} (val acc {summary['val_accuracy']:.4f}) after "
         f"{plan['steps']} steps; metagradient in {summary['timing']['total_s']:.2f}s, "
         f"k={plan['k']}, {plan['max_live_checkpoints']} checkpoints, "
-        f"{plan['extra_passes']:.2f} extra passes",
+        f"{plan['max_live_graphs']} kept step graphs, {plan['extra_passes']:.2f} extra passes, "
+        f"planned memory {plan['planned_memory_mb']:.1f} MB",
     ]
     if "data_weights" in grads:
         g = grads["data_weights"]
