@@ -422,3 +422,25 @@ def test_truncated_metagradient_equals_unrolling_only_the_last_steps(digits):
     assert torch.all(truncated.grads["lr"][: 15 - h] == 0) and truncated.grads["lr"][-1] != 0
     with pytest.raises(mgd.UserError, match="horizon"):
         mgd.metagradient(trainer, objective, horizon=0)
+
+
+def test_training_forward_equals_functional_call_and_leaves_the_model_alone(digits):
+    """The trainer's fast stateless forward is functional_call's arithmetic, tied weights too."""
+    torch.manual_seed(0)
+    shared = nn.Linear(16, 16)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.Tanh(), shared, nn.Tanh(), shared, nn.Linear(16, 10))
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    trainer, _ = tiny_problem(digits, mgd.SGD(momentum=0.9), steps=5, model=model, metaparams=("lr",))
+    assert trainer.num_params == sum(p.numel() for p in model.parameters())  # the tie counted once
+    params = trainer.flat_params().requires_grad_(True)
+    x = trainer.x_train[:7]
+    fast, _ = trainer._train_forward(params, trainer.flat_buffers(), x, 0)
+    # on a copy: torch 2.13's functional_call leaves a module that appears twice as plain tensors
+    reference = torch.func.functional_call(copy.deepcopy(model), trainer.unflatten(params), (x,))
+    assert torch.equal(fast, reference)
+    (g_fast,) = torch.autograd.grad(fast.square().sum(), params)
+    (g_ref,) = torch.autograd.grad(reference.square().sum(), params)
+    assert torch.equal(g_fast, g_ref)
+    trainer.run()
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]) and isinstance(p, nn.Parameter), name

@@ -30,6 +30,7 @@ thread count. The REPLAY engine fingerprints every state and refuses a replay th
 
 from __future__ import annotations
 
+import copy
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -135,6 +136,40 @@ def eval_forward(model: nn.Module, named: Mapping[str, Tensor], x: Tensor) -> Te
             handle.remove()
 
 
+class _StatelessModule:
+    """A private copy of a buffer-free model whose parameters are plain attributes.
+
+    ``functional_call`` swaps every parameter in and out of the module on each call, which
+    costs about as much as the optimizer step on small models. Here the copy's parameters are
+    removed once and each call writes the views of the flat vector straight into the
+    submodules' ``__dict__`` (where ordinary attribute lookup finds them first), then runs
+    the copy in train mode. Tied parameters get the same view. The user's module is never
+    touched. The arithmetic is that of ``functional_call`` (the tests compare them bit for bit).
+    """
+
+    def __init__(self, model: nn.Module, names: tuple[str, ...]) -> None:
+        self.module = copy.deepcopy(model).train(True)
+        index = {name: i for i, name in enumerate(names)}
+        canonical = {id(p): index[name] for name, p in model.named_parameters()}
+        originals = dict(model.named_parameters(remove_duplicate=False))
+        self.slots: list[tuple[nn.Module, str, int]] = []
+        for full_name, _ in self.module.named_parameters(remove_duplicate=False):
+            owner_name, _, attr = full_name.rpartition(".")
+            owner = self.module.get_submodule(owner_name)
+            self.slots.append((owner, attr, canonical[id(originals[full_name])]))
+        for owner, attr, _ in self.slots:
+            owner._parameters.pop(attr, None)
+
+    def __call__(self, chunks: tuple[Tensor, ...], shapes: tuple[torch.Size, ...], x: Tensor) -> Tensor:
+        for owner, attr, i in self.slots:
+            owner.__dict__[attr] = chunks[i].view(shapes[i])
+        try:
+            return self.module(x)
+        finally:
+            for owner, attr, _ in self.slots:  # hold no reference to the caller's tensors
+                owner.__dict__.pop(attr, None)
+
+
 @dataclass
 class Trainer:
     """A training run as a pure step function.
@@ -189,6 +224,7 @@ class Trainer:
     _buffer_numels: tuple[int, ...] = field(init=False, repr=False)
     _captured: list | None = field(init=False, repr=False, default=None)
     _epoch_cache: dict = field(init=False, repr=False, default_factory=dict)
+    _stateless: "_StatelessModule | None" = field(init=False, repr=False, default=None)
 
     def __post_init__(self) -> None:
         self._setup_buffers()
@@ -295,10 +331,11 @@ class Trainer:
 
     def _train_forward(self, params: Tensor, buffers: Tensor, x: Tensor, step: int) -> tuple[Tensor, Tensor]:
         """Train-mode output and the new flat buffers (NOTE [buffers]); differentiable."""
-        named = self.unflatten(params)
         if not self._norms:
-            with _mode(self.model, True):
-                return functional_call(self.model, named, (x,)), buffers
+            if self._stateless is None:
+                self._stateless = _StatelessModule(self.model, self._names)
+            return self._stateless(params.split(self._numels), self._shapes, x), buffers
+        named = self.unflatten(params)
         # Throwaway copies: BatchNorm's in-place running-stat update must never reach a
         # stored state.
         stored = self.named_tensors(params.detach(), buffers.detach())
