@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""bench_grad: what one exact metagradient costs, next to the training run it differentiates.
+"""bench_grad: what one exact metagradient costs, next to training and next to the peers.
 
 What it measures
 ----------------
@@ -14,40 +14,62 @@ validation cross-entropy after T steps; the metagradient is ``(dL/dlr, dL/dw)``.
 Methods (``--methods``):
 
 * ``mgd-replay``: ``mgd.metagradient(trainer, objective)``, the REPLAY checkpoint tree with
-  the default branching factor ``k = ⌈√T⌉`` (memory ~ ``2√T`` states, ~1 extra training run);
-* ``mgd-unrolled``: ``mgd.metagradient(..., mode="unrolled")``, every state stored;
+  the default branching factor ``k = ⌈√T⌉`` (memory ~ ``2√T`` states, ~1 extra training run)
+  and the engine's default per-step VJP (its ``vjp=`` default; the results file records it);
+* ``mgd-replay-db`` and ``mgd-replay-mixed``: the same with ``vjp="double-backward"`` (the
+  oracle VJP: re-run the step with a graph) and ``vjp="mixed"`` (forward-over-reverse);
+* ``mgd-unrolled``: ``mgd.metagradient(..., mode="unrolled")``, every state stored, default VJP;
 * ``full-unroll``: ``mgd.check.full_unroll_metagradient``, plain autograd through one graph of
-  the whole run (the peers' "reference" column).
+  the whole run (the peers' "reference" column);
+* ``higher``, ``torchopt``, ``torchopt-meta``: the peer libraries (``benchmarks/peers.py``):
+  higher's ``innerloop_ctx``, TorchOpt's functional ``sgd``/``adam`` with ``inplace=False``
+  over ``torch.func.functional_call``, TorchOpt's ``MetaSGD``/``MetaAdam``. They need the
+  ``bench`` extra (``pip install -e ".[bench]"``: higher 0.2.1, torchopt 0.7.3); without it
+  the default method list leaves them out.
+
+``full-unroll`` and the three libraries are the *peers*. Every row's "fastest peer ÷ this"
+is the fastest peer's "÷ ours" ratio at that (optimizer, T) divided by the row's own: for an
+``mgd`` row, how many times faster than the best peer it is (same-process ratios, so slow
+drifts of a shared machine cancel).
 
 Every (optimizer, T, method) cell runs ``--repeats`` times, each in a fresh subprocess that
-builds the problem, warms up (training and the method at T = 3), then measures
+builds the problem on ``--device``, warms up (training and the method at T = 3), then measures
 
 1. our training, ``trainer.run()`` (time and peak extra memory),
 2. plain ``torch.optim`` training of an identical ``nn.Module`` copy with the same batches,
 3. the method (time and peak extra memory).
 
-Peak extra memory is peak RSS during the call minus RSS just before it (``mgd._resources``).
-Ratios are taken within one process (method time / training time), then the median over the
-repeats is reported, as are the medians of the other columns. "Above training" is the method's
-peak extra memory minus that of training. Exactness is checked once per (optimizer, T ≤ 100)
-in float64: the relative error of ``mgd-replay`` and ``mgd-unrolled`` against ``full-unroll``
-for both metaparameters (``-`` for larger T).
+Peak extra memory is peak RSS during the call minus RSS just before it (``mgd._resources``);
+on CUDA also the peak of ``torch.cuda.max_memory_allocated`` above the allocation before the
+call ("GPU MB"), with ``torch.cuda.synchronize()`` around every timed call. Ratios are taken
+within one process (method time / training time), then the median over the repeats is
+reported, as are the medians of the other columns. "Above training" is the method's peak extra
+memory minus that of training.
+
+Exactness is checked once per (optimizer, T ≤ 100) in float64 on the same device: the
+relative error of every method against ``full-unroll`` for both metaparameters (``-`` for
+larger T). The peers' formulas differ from ``torch.optim``'s in places (higher's Adam ``ε``,
+TorchOpt's float32 bias correction; see ``peers.py``): the column shows what they return.
+
+Memory guard: the methods whose memory grows with T (every one but ``mgd-replay*``) are
+probed once per optimizer in a fresh process at T = 50 and 100; a straight line through the
+two peaks predicts the peak at each T. A cell that would exceed ``--memory-limit-gb`` (RSS;
+default 60% of MemTotal) or, on CUDA, ``--gpu-memory-limit-gb`` (default 90% of the GPU) is
+not run and reads "skipped: would need ~X GB".
 
 Hardware and results
 --------------------
-Last run on 2 AMD EPYC cores, 24 GB RAM, Linux; Python 3.11.7, torch 2.13.0+cpu, numpy 2.4.6,
-one torch thread. ``python benchmarks/bench_grad.py --markdown --out results.json`` took 640 s.
-At T = 3000, median of 3: SGD 4.28x our training (5.04x torch.optim) and +25 MB above
-training; Adam 4.64x (4.60x) and +37 MB; the full unroll needs +1.6 GB / +2.9 GB.
-The whole table is in ``docs/benchmark.md``.
+The whole table, the command that produced it and its hardware are in ``docs/benchmark.md``.
 
 How to run
 ----------
 ::
 
-    python benchmarks/bench_grad.py --markdown
-    python benchmarks/bench_grad.py --steps 100 300 --optimizers sgd --repeats 5 --out r.json
-    python benchmarks/bench_grad.py --max-unroll-steps 1000   # skip O(T)-memory methods above
+    pip install -e ".[bench]"                 # the peer libraries, pinned
+    python benchmarks/bench_grad.py --markdown --out results.json
+    python benchmarks/bench_grad.py --steps 100 300 --optimizers sgd --repeats 5
+    python benchmarks/bench_grad.py --methods mgd-replay torchopt --steps 1000
+    python benchmarks/bench_grad.py --device cuda --markdown --out results-cuda.json
 
 Nothing else should run on the machine meanwhile: timings on a shared machine vary by tens of
 percent (``peers.md`` §2); compare the same-process ratios rather than raw seconds.
@@ -67,6 +89,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # peers.py sits next to this file
+
+from peers import PEER_METHODS, missing_libraries  # noqa: E402  (imports no peer library)
+
 # ------------------------------------------------------------------------------- settings
 
 SEED = 0
@@ -75,24 +101,37 @@ MODEL = "mlp"  # the 64-128-128-10 tanh preset
 METAPARAMS = ("lr", "data_weights")
 WARMUP_STEPS = 3
 EXACTNESS_MAX_STEPS = 100  # exactness (float64) only up to this T
+PROBE_STEPS = (50, 100)  # the memory guard's two probe horizons
 
 #: Inner optimizers: base learning rate and the torch.optim twin's keyword arguments.
 OPTIMIZERS: dict[str, dict[str, Any]] = {
     "sgd": {"lr": 0.05, "momentum": 0.9},
     "adam": {"lr": 1e-3},
 }
-METHODS = ("mgd-replay", "mgd-unrolled", "full-unroll")
-#: Methods whose memory grows with T (they keep the whole trajectory): --max-unroll-steps.
-UNROLLED_METHODS = ("mgd-unrolled", "full-unroll")
+#: mgd methods: (mode, vjp); ``None`` keeps the engine's default VJP.
+MGD_METHODS: dict[str, tuple[str, str | None]] = {
+    "mgd-replay": ("replay", None),
+    "mgd-replay-db": ("replay", "double-backward"),
+    "mgd-replay-mixed": ("replay", "mixed"),
+    "mgd-unrolled": ("unrolled", None),
+}
+METHODS = (*MGD_METHODS, "full-unroll", *PEER_METHODS)
+#: What "fastest peer" is taken over.
+PEERS = ("full-unroll", *PEER_METHODS)
+#: Methods whose memory grows with T (they keep the whole trajectory): memory guard and
+#: --max-unroll-steps apply to them.
+UNROLLED_METHODS = ("mgd-unrolled", "full-unroll", *PEER_METHODS)
+REFERENCE = "full-unroll"
 
 DEFAULTS = {
-    "steps": [100, 1000, 3000],
+    "steps": [100, 1000, 3000, 10000],
     "optimizers": list(OPTIMIZERS),
     "methods": list(METHODS),
     "repeats": 3,
 }
 
 MIB = 1024 * 1024
+GIB = 1024 * MIB
 
 
 # =============================================================================== worker side
@@ -111,21 +150,26 @@ def _setup_torch() -> Any:
     return torch
 
 
-def _load_data(dtype: Any) -> dict[str, Any]:
-    """The digits splits as tensors of ``dtype`` (labels int64)."""
+def _load_data(dtype: Any, device: str) -> dict[str, Any]:
+    """The digits splits as tensors of ``dtype`` on ``device`` (labels int64)."""
     import torch
 
     from mgd.data import load_dataset
 
     ds = load_dataset("digits")
+
+    def tensor(array: Any, **kwargs: Any) -> Any:
+        return torch.as_tensor(array, **kwargs).to(device)
+
     return {
-        "x_train": torch.as_tensor(ds.x_train, dtype=dtype),
-        "y_train": torch.as_tensor(ds.y_train),
-        "x_val": torch.as_tensor(ds.x_val, dtype=dtype),
-        "y_val": torch.as_tensor(ds.y_val),
+        "x_train": tensor(ds.x_train, dtype=dtype),
+        "y_train": tensor(ds.y_train),
+        "x_val": tensor(ds.x_val, dtype=dtype),
+        "y_val": tensor(ds.y_val),
         "input_shape": ds.input_shape,
         "num_classes": ds.num_classes,
         "dtype": dtype,
+        "device": device,
     }
 
 
@@ -136,7 +180,7 @@ def _build_problem(data: dict[str, Any], optimizer: str, steps: int) -> tuple[An
 
     model = build_model(
         MODEL, data["input_shape"], data["num_classes"], seed=SEED, dtype=data["dtype"]
-    )
+    ).to(data["device"])
     settings = OPTIMIZERS[optimizer]
     inner = mgd.SGD(momentum=settings["momentum"]) if optimizer == "sgd" else mgd.Adam()
     trainer = mgd.Trainer(
@@ -176,19 +220,56 @@ def _torch_optim_training(trainer: Any, optimizer: str) -> Any:
     return model
 
 
-def _method(name: str) -> Callable[[Any, Callable], Any]:
-    """The metagradient call of a method, as ``fn(trainer, objective)``."""
-    import mgd
-    from mgd.check import full_unroll_metagradient
+def engine_default_vjp() -> Any:
+    """The default of ``mgd.metagradient``'s ``vjp=`` argument (a name, or a function)."""
+    import inspect
 
-    calls = {
-        "mgd-replay": lambda trainer, objective: mgd.metagradient(trainer, objective),
-        "mgd-unrolled": lambda trainer, objective: mgd.metagradient(
-            trainer, objective, mode="unrolled"
-        ),
-        "full-unroll": full_unroll_metagradient,
-    }
-    return calls[name]
+    import mgd
+
+    parameter = inspect.signature(mgd.metagradient).parameters.get("vjp")
+    return None if parameter is None else parameter.default
+
+
+def engine_takes_vjp_names() -> bool:
+    """Whether ``mgd.metagradient`` takes ``vjp=`` as a name ("auto", "double-backward", ...).
+
+    Engines from before the named VJPs take only a function, and their default is the
+    double-backward VJP.
+    """
+    return isinstance(engine_default_vjp(), str)
+
+
+def _mgd_call(mode: str, vjp: str | None) -> tuple[Callable[[Any, Callable], Any], str]:
+    """``(fn(trainer, objective), the VJP it uses)`` for an mgd method.
+
+    ``vjp=None`` keeps the engine's default. On an engine without named VJPs,
+    ``"double-backward"`` is that default, so nothing is passed; any other name is an error.
+    """
+    import mgd
+
+    kwargs: dict[str, Any] = {"mode": mode}
+    if engine_takes_vjp_names():
+        if vjp is not None:
+            kwargs["vjp"] = vjp
+        used = vjp if vjp is not None else f"default ({engine_default_vjp()})"
+    elif vjp in (None, "double-backward"):
+        used = "double-backward (engine without named VJPs)"
+    else:
+        raise RuntimeError(f"this mgd engine has no vjp={vjp!r} (no named VJPs yet)")
+    return (lambda trainer, objective: mgd.metagradient(trainer, objective, **kwargs)), used
+
+
+def _method(name: str) -> tuple[Callable[[Any, Callable], Any], str | None]:
+    """``(fn(trainer, objective), VJP description or None)`` for a method name."""
+    if name in MGD_METHODS:
+        return _mgd_call(*MGD_METHODS[name])
+    if name == REFERENCE:
+        from mgd.check import full_unroll_metagradient
+
+        return full_unroll_metagradient, None
+    from peers import peer_metagradient
+
+    return peer_metagradient(name), None
 
 
 def _unpack(result: Any) -> tuple[float, dict[str, Any], dict | None, dict | None]:
@@ -199,49 +280,80 @@ def _unpack(result: Any) -> tuple[float, dict[str, Any], dict | None, dict | Non
     return result.value, result.grads, result.plan.to_dict(), dict(result.timings)
 
 
-def time_task(optimizer: str, steps: int, method: str) -> dict[str, Any]:
-    """Measure training, torch.optim training and one method in this (fresh) process."""
-    torch = _setup_torch()
+def _measured(fn: Callable, *args: Any, device: str) -> tuple[Any, dict[str, float | None]]:
+    """Run ``fn(*args)``: its result, wall seconds, peak extra RSS MB and (CUDA) GPU MB.
+
+    On CUDA the call is timed up to a ``synchronize`` (kernels are asynchronous) and its GPU
+    memory is the peak allocation above the allocation just before it.
+    """
+    import torch
+
     from mgd._resources import measure
 
-    data = _load_data(torch.float32)
-    compute = _method(method)
+    cuda = torch.device(device) if device.startswith("cuda") else None
+    if cuda is not None:
+        torch.cuda.synchronize(cuda)
+        torch.cuda.reset_peak_memory_stats(cuda)
+        allocated_before = torch.cuda.memory_allocated(cuda)
 
-    # Warm-up at T = 3: first-call costs (imports, allocator growth, autograd set-up) must not
-    # be charged to the measured calls.
+    def call() -> Any:
+        result = fn(*args)
+        if cuda is not None:
+            torch.cuda.synchronize(cuda)
+        return result
+
+    result, m = measure(call)
+    gpu_mb = None
+    if cuda is not None:
+        gpu_mb = (torch.cuda.max_memory_allocated(cuda) - allocated_before) / MIB
+    return result, {
+        "seconds": m.seconds,
+        "rss_mb": m.peak_extra_mb,
+        "rss_before_mb": None if m.rss_before_bytes is None else m.rss_before_bytes / MIB,
+        "gpu_mb": gpu_mb,
+    }
+
+
+def _warm_up(data: dict[str, Any], optimizer: str, compute: Callable) -> None:
+    """First-call costs (imports, allocator growth, autograd set-up, CUDA context) at T = 3."""
     trainer, objective = _build_problem(data, optimizer, WARMUP_STEPS)
     trainer.run()
     _torch_optim_training(trainer, optimizer)
     compute(trainer, objective)
-    del trainer, objective
+
+
+def time_task(optimizer: str, steps: int, method: str, device: str) -> dict[str, Any]:
+    """Measure training, torch.optim training and one method in this (fresh) process."""
+    torch = _setup_torch()
+    data = _load_data(torch.float32, device)
+    compute, vjp = _method(method)
+    _warm_up(data, optimizer, compute)
 
     trainer, objective = _build_problem(data, optimizer, steps)
-    final, train = measure(trainer.run)
-    model, torch_train = measure(_torch_optim_training, trainer, optimizer)
-    result, meta = measure(compute, trainer, objective)
+    final, train = _measured(trainer.run, device=device)
+    model, torch_train = _measured(_torch_optim_training, trainer, optimizer, device=device)
+    result, meta = _measured(compute, trainer, objective, device=device)
     value, grads, plan, phases = _unpack(result)
 
     # Sanity numbers (not timed): both trainings should reach about the same validation loss,
-    # and all methods should report about the same gradient norms.
+    # and all methods should report about the same value and gradient norms.
     with torch.no_grad():
         ours_loss = float(objective(trainer.named_tensors(final.params, final.buffers)))
         torch_loss = float(objective(dict(model.named_parameters())))
 
-    def mb(m: Any) -> float | None:
-        return m.peak_extra_mb
-
     return {
-        "train_s": train.seconds,
-        "train_mb": mb(train),
-        "torch_train_s": torch_train.seconds,
-        "torch_train_mb": mb(torch_train),
-        "method_s": meta.seconds,
-        "method_mb": mb(meta),
-        "rss_before_method_mb": (
-            None if meta.rss_before_bytes is None else meta.rss_before_bytes / MIB
-        ),
+        "train_s": train["seconds"],
+        "train_mb": train["rss_mb"],
+        "train_gpu_mb": train["gpu_mb"],
+        "torch_train_s": torch_train["seconds"],
+        "torch_train_mb": torch_train["rss_mb"],
+        "method_s": meta["seconds"],
+        "method_mb": meta["rss_mb"],
+        "method_gpu_mb": meta["gpu_mb"],
+        "rss_before_method_mb": meta["rss_before_mb"],
         "phases_s": phases,
         "plan": plan,
+        "vjp": vjp,
         "value": value,
         "grad_norms": {name: float(g.norm()) for name, g in grads.items()},
         "val_loss_ours": ours_loss,
@@ -249,29 +361,60 @@ def time_task(optimizer: str, steps: int, method: str) -> dict[str, Any]:
     }
 
 
-def exactness_task(optimizer: str, steps: int) -> dict[str, dict[str, float]]:
-    """Relative error of the mgd modes against the full unroll, float64, per metaparameter."""
+def probe_task(optimizer: str, method: str, device: str) -> dict[str, Any]:
+    """Peak memory of a method at the probe horizons, for the memory guard (float32)."""
+    torch = _setup_torch()
+    data = _load_data(torch.float32, device)
+    compute, _ = _method(method)
+    _warm_up(data, optimizer, compute)
+    points = []
+    for steps in PROBE_STEPS:
+        trainer, objective = _build_problem(data, optimizer, steps)
+        _, m = _measured(compute, trainer, objective, device=device)
+        points.append({"steps": steps, **m})
+        del trainer, objective
+    total_gpu = (
+        torch.cuda.get_device_properties(torch.device(device)).total_memory / MIB
+        if device.startswith("cuda") else None
+    )
+    return {"points": points, "gpu_total_mb": total_gpu}
+
+
+def exactness_task(optimizer: str, steps: int, methods: list[str], device: str) -> dict[str, Any]:
+    """Relative error of each method against the full unroll, float64, per metaparameter.
+
+    A method that raises is recorded as ``{"error": ...}`` so that the others still report.
+    """
     torch = _setup_torch()
     from mgd.check import full_unroll_metagradient, relative_error
 
-    trainer, objective = _build_problem(_load_data(torch.float64), optimizer, steps)
-    _, reference = full_unroll_metagradient(trainer, objective)
-    errors = {}
-    for method in ("mgd-replay", "mgd-unrolled"):
-        _, grads, _, _ = _unpack(_method(method)(trainer, objective))
+    trainer, objective = _build_problem(_load_data(torch.float64, device), optimizer, steps)
+    reference_value, reference = full_unroll_metagradient(trainer, objective)
+    errors: dict[str, Any] = {}
+    for method in methods:
+        try:
+            compute, _ = _method(method)
+            value, grads, _, _ = _unpack(compute(trainer, objective))
+        except Exception as error:  # noqa: BLE001  (reported in the table, never hidden)
+            errors[method] = {"error": f"{type(error).__name__}: {error}"[:300]}
+            continue
         errors[method] = {name: relative_error(grads[name], reference[name]) for name in METAPARAMS}
+        errors[method]["value"] = relative_error(value, reference_value)
     return errors
 
 
 def worker_main(task_json: str) -> None:
     """Entry point of a worker: run one task, print its result as one JSON line on stdout."""
     task = json.loads(task_json)
-    if task["kind"] == "time":
-        result = time_task(task["optimizer"], task["steps"], task["method"])
-    elif task["kind"] == "exactness":
-        result = exactness_task(task["optimizer"], task["steps"])
+    kind, device = task["kind"], task["device"]
+    if kind == "time":
+        result = time_task(task["optimizer"], task["steps"], task["method"], device)
+    elif kind == "probe":
+        result = probe_task(task["optimizer"], task["method"], device)
+    elif kind == "exactness":
+        result = exactness_task(task["optimizer"], task["steps"], task["methods"], device)
     else:
-        raise ValueError(f"unknown worker task {task['kind']!r}")
+        raise ValueError(f"unknown worker task {kind!r}")
     print(json.dumps(result), flush=True)
 
 
@@ -346,37 +489,148 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
         method_mb=column(lambda r: r["method_mb"]),
         train_mb=column(lambda r: r["train_mb"]),
         above_train_mb=column(lambda r: diff(r["method_mb"], r["train_mb"])),
+        method_gpu_mb=column(lambda r: r.get("method_gpu_mb")),
         plan=results[0]["plan"],  # deterministic
+        vjp=results[0].get("vjp"),
     )
     return summary
 
 
-def environment() -> dict[str, Any]:
-    """Versions and hardware, for the results file (the header's placeholders)."""
+# ------------------------------------------------------------------------------- memory guard
+
+
+def line_through(points: list[dict[str, Any]], key: str) -> tuple[float, float] | None:
+    """``(intercept, slope)`` in MB and MB/step through the probe's two peaks, or ``None``.
+
+    Both are clamped at 0: a noisy pair must not predict less memory for more steps.
+    """
+    (a, b) = points
+    if a[key] is None or b[key] is None:
+        return None
+    slope = max(0.0, (b[key] - a[key]) / (b["steps"] - a["steps"]))
+    intercept = max(0.0, b[key] - slope * b["steps"])
+    return intercept, slope
+
+
+def predict_peak(probe: dict[str, Any], steps: int) -> dict[str, float | None]:
+    """Predicted peak extra RSS and GPU memory (MB) of the probed method at T = ``steps``."""
+    prediction: dict[str, float | None] = {}
+    for key in ("rss_mb", "gpu_mb"):
+        fit = line_through(probe["points"], key)
+        prediction[key] = None if fit is None else fit[0] + fit[1] * steps
+        prediction[key.replace("_mb", "_mb_per_step")] = None if fit is None else fit[1]
+    # The process's own RSS before the call counts against the machine's memory too.
+    prediction["rss_before_mb"] = probe["points"][-1]["rss_before_mb"]
+    return prediction
+
+
+def memory_verdict(
+    probe: dict[str, Any], steps: int, args: argparse.Namespace
+) -> tuple[dict[str, Any], str | None]:
+    """``(prediction, reason to skip or None)`` for one O(T)-memory cell."""
+    prediction = predict_peak(probe, steps)
+    rss_total = (prediction["rss_mb"] or 0.0) + (prediction["rss_before_mb"] or 0.0)
+    prediction["rss_total_mb"] = rss_total
+    if rss_total > args.memory_limit_gb * 1024:
+        return prediction, (
+            f"skipped: would need ~{rss_total / 1024:.1f} GB RAM "
+            f"(limit {args.memory_limit_gb:.3g} GB)"
+        )
+    gpu = prediction["gpu_mb"]
+    if gpu is not None:
+        limit_gb = args.gpu_memory_limit_gb
+        if limit_gb is None and probe.get("gpu_total_mb"):
+            limit_gb = 0.9 * probe["gpu_total_mb"] / 1024
+        prediction["gpu_limit_gb"] = limit_gb
+        if limit_gb is not None and gpu > limit_gb * 1024:
+            return prediction, (
+                f"skipped: would need ~{gpu / 1024:.1f} GB GPU memory (limit {limit_gb:.3g} GB)"
+            )
+    return prediction, None
+
+
+class MemoryGuard:
+    """Probes each O(T)-memory method once per optimizer and answers "run this cell?"."""
+
+    def __init__(self, args: argparse.Namespace, log: Callable[[str], None]) -> None:
+        self.args = args
+        self.log = log
+        self.probes: dict[tuple[str, str], dict[str, Any]] = {}
+
+    def check(self, optimizer: str, method: str, steps: int) -> tuple[dict | None, str | None]:
+        """``(prediction or None, skip reason or None)``; probes only where T is past the probe."""
+        if method not in UNROLLED_METHODS or steps <= PROBE_STEPS[-1]:
+            return None, None
+        key = (optimizer, method)
+        if key not in self.probes:
+            self.log(f"{optimizer} {method}: memory probe at T={', '.join(map(str, PROBE_STEPS))}")
+            task = {"kind": "probe", "optimizer": optimizer, "method": method,
+                    "device": self.args.device}
+            self.probes[key] = run_worker(task, self.args.timeout)
+        probe = self.probes[key]
+        if not probe["ok"]:
+            # No prediction: run the cell anyway; the worker's own failure will be reported.
+            self.log(f"{optimizer} {method}: memory probe FAILED {probe['error']}")
+            return None, None
+        prediction, reason = memory_verdict(probe["result"], steps, self.args)
+        return prediction, reason
+
+
+# ------------------------------------------------------------------------------- environment
+
+
+def _first_line(path: str, prefix: str) -> str | None:
+    """The value of the first ``prefix: value`` line of a file (``/proc`` files)."""
+    try:
+        with open(path) as handle:
+            for line in handle:
+                if line.startswith(prefix):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        return None
+    return None
+
+
+def default_memory_limit_gb() -> float | None:
+    """60% of the machine's memory (``MemTotal``), in GB; ``None`` without ``/proc/meminfo``."""
+    total = _first_line("/proc/meminfo", "MemTotal")  # e.g. "24567892 kB"
+    if total is None:
+        return None
+    return 0.6 * int(total.split()[0]) * 1024 / GIB
+
+
+def environment(device: str) -> dict[str, Any]:
+    """Versions and hardware, for the results file."""
+    import importlib.metadata
+
     import numpy
     import torch
 
     import mgd
 
-    def first_line(path: str, prefix: str) -> str | None:
+    def version(package: str) -> str | None:
         try:
-            with open(path) as handle:
-                for line in handle:
-                    if line.startswith(prefix):
-                        return line.split(":", 1)[1].strip()
-        except OSError:
+            return importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
             return None
-        return None
 
+    gpu = None
+    if device.startswith("cuda") and torch.cuda.is_available():
+        gpu = torch.cuda.get_device_name(torch.device(device))
     return {
-        "cpu": first_line("/proc/cpuinfo", "model name") or platform.processor(),
+        "cpu": _first_line("/proc/cpuinfo", "model name") or platform.processor(),
         "cpu_count": os.cpu_count(),
-        "memory_total": first_line("/proc/meminfo", "MemTotal"),
+        "memory_total": _first_line("/proc/meminfo", "MemTotal"),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "numpy": numpy.__version__,
         "mgd": mgd.__version__,
+        "higher": version("higher"),
+        "torchopt": version("torchopt"),
+        "device": device,
+        "gpu": gpu,
+        "engine_named_vjps": engine_takes_vjp_names(),
         "torch_threads": 1,
     }
 
@@ -401,24 +655,53 @@ def _exactness_cell(row: dict[str, Any]) -> str:
     errors = row.get("exactness")
     if row.get("exactness_error"):
         return "failed"
-    if row["method"] == "full-unroll" and errors is not None:
+    if row["method"] == REFERENCE and errors is not None:
         return "reference"
     if not errors:
         return "-"
+    if "error" in errors:
+        return "failed: " + errors["error"][:60]
     # An exact 0 means bit-identical gradients; print it as such.
     cells = ("0" if errors[name] == 0 else _fmt(errors[name], ".1e") for name in METAPARAMS)
     return " / ".join(cells)
 
 
-HEADER = (
-    "opt", "T", "method", "metagrad s", "train s (ours / torch.optim)",
-    "÷ ours", "÷ torch.optim", "extra MB", "train MB", "above train MB",
-    "replay plan", "rel. err. lr / w",
-)
+def _peer_cell(row: dict[str, Any]) -> str:
+    versus = row.get("vs_fastest_peer")
+    if not versus:
+        return "-"
+    return f"{versus['speedup']:.2f} ({versus['peer']})"
 
 
-def table_rows(rows: list[dict[str, Any]]) -> list[tuple[str, ...]]:
+def mark_fastest_peer(rows: list[dict[str, Any]]) -> None:
+    """Give every timed row of one (optimizer, T) group its speed-up over the fastest peer.
+
+    Speed-up = the fastest peer's "÷ ours" ratio / this row's "÷ ours" ratio (same-process
+    ratios, so a machine that drifts between processes does not bias it).
+    """
+    timed = [r for r in rows if r.get("status") == "ok" and r.get("ratio_train") is not None]
+    peers = [r for r in timed if r["method"] in PEERS]
+    if not peers:
+        return
+    fastest = min(peers, key=lambda r: r["ratio_train"])
+    for row in timed:
+        row["vs_fastest_peer"] = {
+            "peer": fastest["method"],
+            "speedup": fastest["ratio_train"] / row["ratio_train"],
+        }
+
+
+def header(gpu: bool) -> tuple[str, ...]:
+    return (
+        "opt", "T", "method", "metagrad s", "train s (ours / torch.optim)",
+        "÷ ours", "÷ torch.optim", "fastest peer ÷ this", "extra MB", "train MB",
+        "above train MB", *(("GPU MB",) if gpu else ()), "replay plan", "rel. err. lr / w",
+    )
+
+
+def table_rows(rows: list[dict[str, Any]], gpu: bool) -> list[tuple[str, ...]]:
     """One tuple of cells per result row."""
+    width = len(header(gpu))
     out = []
     for row in rows:
         method = row["method"]
@@ -427,8 +710,7 @@ def table_rows(rows: list[dict[str, Any]]) -> list[tuple[str, ...]]:
                 text = row["note"]
             else:
                 text = "failed: " + (row["failures"][0]["error"][:80] if row["failures"] else "?")
-            blanks = ["-"] * (len(HEADER) - 4)
-            out.append((row["optimizer"], str(row["steps"]), method, text, *blanks))
+            out.append((row["optimizer"], str(row["steps"]), method, text, *["-"] * (width - 4)))
             continue
         if row["runs_ok"] < row["runs"]:
             method += f" ({row['runs_ok']}/{row['runs']} runs)"
@@ -440,23 +722,26 @@ def table_rows(rows: list[dict[str, Any]]) -> list[tuple[str, ...]]:
             f"{_fmt(row['train_s'], '.3g')} / {_fmt(row['torch_train_s'], '.3g')}",
             _fmt(row["ratio_train"], ".2f"),
             _fmt(row["ratio_torch"], ".2f"),
+            _peer_cell(row),
             _fmt(row["method_mb"], ".1f"),
             _fmt(row["train_mb"], ".1f"),
             _fmt(row["above_train_mb"], ".1f"),
+            *((_fmt(row.get("method_gpu_mb"), ".1f"),) if gpu else ()),
             _plan_cell(row["plan"]),
             _exactness_cell(row),
         ))
     return out
 
 
-def format_table(rows: list[dict[str, Any]], markdown: bool) -> str:
+def format_table(rows: list[dict[str, Any]], markdown: bool, gpu: bool = False) -> str:
     """A Markdown table, or aligned plain text."""
-    cells = [HEADER, *table_rows(rows)]
+    head = header(gpu)
+    cells = [head, *table_rows(rows, gpu)]
     if markdown:
         lines = ["| " + " | ".join(r) + " |" for r in cells]
-        lines.insert(1, "|" + "|".join("---" for _ in HEADER) + "|")
+        lines.insert(1, "|" + "|".join("---" for _ in head) + "|")
         return "\n".join(lines)
-    widths = [max(len(r[i]) for r in cells) for i in range(len(HEADER))]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(head))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells)
 
 
@@ -474,19 +759,31 @@ def _flatten(values: list[list]) -> list:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="Time and memory of one exact metagradient on the digits MLP, vs training.",
+        description="Time and memory of one exact metagradient on the digits MLP, vs training "
+                    "and vs the peer libraries.",
     )
     parser.add_argument("--steps", nargs="+", type=_list_arg(int),
                         help=f"horizons T (default {' '.join(map(str, DEFAULTS['steps']))})")
     parser.add_argument("--optimizers", nargs="+", type=_list_arg(str),
                         help=f"inner optimizers, from {', '.join(OPTIMIZERS)} (default: all)")
     parser.add_argument("--methods", nargs="+", type=_list_arg(str),
-                        help=f"methods, from {', '.join(METHODS)} (default: all)")
+                        help=f"methods, from {', '.join(METHODS)} (default: all whose "
+                             "library is installed)")
     parser.add_argument("--repeats", type=int, default=DEFAULTS["repeats"],
                         help="fresh subprocesses per cell; medians are reported (default 3)")
+    parser.add_argument("--device", default="cpu",
+                        help="cpu, cuda or cuda:N; data, model and every method run there "
+                             "(default cpu)")
+    parser.add_argument("--memory-limit-gb", type=float, default=None,
+                        help="skip a cell whose predicted RSS exceeds this (default: 60%% of "
+                             "MemTotal)")
+    parser.add_argument("--gpu-memory-limit-gb", type=float, default=None,
+                        help="on CUDA, skip a cell whose predicted GPU memory exceeds this "
+                             "(default: 90%% of the GPU's memory)")
     parser.add_argument("--max-unroll-steps", type=int, default=None,
-                        help="skip methods that store the whole run (mgd-unrolled, full-unroll) "
-                             "for T above this (default: no limit)")
+                        help=f"skip the methods that store the whole run "
+                             f"({', '.join(UNROLLED_METHODS)}) for T above this "
+                             "(default: no limit)")
     parser.add_argument("--timeout", type=float, default=None,
                         help="seconds before a worker is killed and recorded as failed")
     parser.add_argument("--out", type=Path, default=None, help="write all results as JSON here")
@@ -498,7 +795,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     args.steps = _flatten(args.steps) if args.steps else DEFAULTS["steps"]
     args.optimizers = _flatten(args.optimizers) if args.optimizers else DEFAULTS["optimizers"]
-    args.methods = _flatten(args.methods) if args.methods else DEFAULTS["methods"]
+    if args.methods:
+        args.methods = _flatten(args.methods)
+        args.dropped_methods = {}
+    else:
+        # Without the bench extra, the default leaves the peers out (and says so).
+        args.dropped_methods = missing_libraries(DEFAULTS["methods"])
+        args.methods = [m for m in DEFAULTS["methods"] if m not in args.dropped_methods]
     for name, chosen, allowed in (("optimizer", args.optimizers, OPTIMIZERS),
                                   ("method", args.methods, METHODS)):
         unknown = [c for c in chosen if c not in allowed]
@@ -506,69 +809,118 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(
                 f"unknown {name}(s) {', '.join(unknown)}; choose from {', '.join(allowed)}"
             )
+    missing = missing_libraries(args.methods)
+    if missing:
+        parser.error(
+            f"{', '.join(missing)} need(s) {', '.join(sorted(set(missing.values())))}: "
+            'pip install -e ".[bench]" (or leave them out of --methods)'
+        )
     if any(t < 1 for t in args.steps):
         parser.error("--steps must be positive")
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
+    if args.device != "cpu" and not args.device.startswith("cuda"):
+        parser.error(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error(f"--device {args.device}: this torch ({torch.__version__}) sees no GPU")
+    if args.memory_limit_gb is None:
+        args.memory_limit_gb = default_memory_limit_gb() or float("inf")
+    for flag in ("memory_limit_gb", "gpu_memory_limit_gb"):
+        value = getattr(args, flag)
+        if value is not None and value <= 0:
+            parser.error(f"--{flag.replace('_', '-')} must be positive")
     return args
 
 
+def run_exactness(
+    optimizer: str, steps: int, methods: list[str], args: argparse.Namespace,
+    log: Callable[[str], None],
+) -> tuple[dict | None, str | None]:
+    """``(per-method errors, failure)`` of the float64 check, or ``(None, None)`` if not run."""
+    checked = [m for m in methods if m != REFERENCE]
+    if not checked or steps > EXACTNESS_MAX_STEPS:
+        return None, None
+    log(f"{optimizer} T={steps}: exactness (float64) of {', '.join(checked)}")
+    task = {"kind": "exactness", "optimizer": optimizer, "steps": steps, "methods": checked,
+            "device": args.device}
+    run = run_worker(task, args.timeout)
+    if not run["ok"]:
+        log(f"{optimizer} T={steps}: exactness FAILED {run['error']}")
+        return None, run["error"]
+    for method, errors in run["result"].items():
+        if "error" in errors:
+            log(f"{optimizer} T={steps}: exactness of {method} FAILED {errors['error']}")
+        else:
+            log(f"{optimizer} T={steps}: {method} rel. err. lr {errors['lr']:.2e}, "
+                f"w {errors['data_weights']:.2e}")
+    return run["result"], None
+
+
 def run_group(
-    optimizer: str, steps: int, args: argparse.Namespace, log: Callable[[str], None]
+    optimizer: str, steps: int, args: argparse.Namespace, guard: MemoryGuard,
+    log: Callable[[str], None],
 ) -> list[dict[str, Any]]:
-    """All methods for one (optimizer, T): the exactness check, then the timed repeats."""
-
-    def skipped(method: str) -> bool:
+    """All methods for one (optimizer, T): skips, the exactness check, then the timed repeats."""
+    skips: dict[str, str] = {}
+    predictions: dict[str, dict] = {}
+    for method in args.methods:
         limit = args.max_unroll_steps
-        return method in UNROLLED_METHODS and limit is not None and steps > limit
-
-    active = [m for m in args.methods if not skipped(m)]
+        if method in UNROLLED_METHODS and limit is not None and steps > limit:
+            skips[method] = f"skipped (T > --max-unroll-steps {limit})"
+            continue
+        prediction, reason = guard.check(optimizer, method, steps)
+        if prediction is not None:
+            predictions[method] = prediction
+        if reason is not None:
+            skips[method] = reason
+            log(f"{optimizer} T={steps} {method}: {reason}")
+    active = [m for m in args.methods if m not in skips]
 
     # Exactness, once per group, in float64; it needs the full unroll as its reference.
     exactness, exactness_error = None, None
-    wanted = {"mgd-replay", "mgd-unrolled"} & set(active)
-    if wanted and steps <= EXACTNESS_MAX_STEPS and not skipped("full-unroll"):
-        log(f"{optimizer} T={steps}: exactness (float64)")
-        task = {"kind": "exactness", "optimizer": optimizer, "steps": steps}
-        run = run_worker(task, args.timeout)
-        if run["ok"]:
-            exactness = run["result"]
-        else:
-            exactness_error = run["error"]
-            log(f"{optimizer} T={steps}: exactness FAILED {exactness_error}")
+    if REFERENCE not in skips:
+        exactness, exactness_error = run_exactness(optimizer, steps, active, args, log)
 
     # Repeats outermost, so that slow drifts of the machine hit every method alike.
     runs: dict[str, list] = {m: [] for m in active}
     for repeat in range(args.repeats):
         for method in active:
-            task = {"kind": "time", "optimizer": optimizer, "steps": steps, "method": method}
+            task = {"kind": "time", "optimizer": optimizer, "steps": steps, "method": method,
+                    "device": args.device}
             run = run_worker(task, args.timeout)
             runs[method].append(run)
             label = f"{optimizer} T={steps} {method} [{repeat + 1}/{args.repeats}]"
             if run["ok"]:
                 r = run["result"]
+                gpu = r.get("method_gpu_mb")
                 log(f"{label}: {r['method_s']:.3g} s = {r['method_s'] / r['train_s']:.2f}x "
-                    f"training, +{_fmt(r['method_mb'], '.1f')} MB")
+                    f"training, +{_fmt(r['method_mb'], '.1f')} MB"
+                    + ("" if gpu is None else f", GPU +{gpu:.1f} MB"))
             else:
                 log(f"{label}: FAILED {run['error']}")
 
     rows = []
     for method in args.methods:
         row: dict[str, Any] = {"optimizer": optimizer, "steps": steps, "method": method}
-        if skipped(method):
-            row.update(status="skipped",
-                       note=f"skipped (T > --max-unroll-steps {args.max_unroll_steps})")
+        if method in predictions:
+            row["memory_prediction"] = predictions[method]
+        if method in skips:
+            row.update(status="skipped", note=skips[method])
         else:
             row.update(summarize(runs[method]))
             if exactness is None:
                 row["exactness"] = None
-            elif method == "full-unroll":
+            elif method == REFERENCE:
                 row["exactness"] = {"reference": True}
             else:
                 row["exactness"] = exactness.get(method)
             if exactness_error is not None:
                 row["exactness_error"] = exactness_error
         rows.append(row)
+    mark_fastest_peer(rows)
     return rows
 
 
@@ -580,43 +932,56 @@ def main(argv: list[str] | None = None) -> int:
 
     from mgd.io import write_json
 
+    started = time.perf_counter()
+
+    def log(message: str) -> None:
+        print(f"[{time.perf_counter() - started:7.1f} s] {message}", file=sys.stderr, flush=True)
+
+    if args.dropped_methods:
+        log(f"left out {', '.join(args.dropped_methods)}: not installed "
+            '(pip install -e ".[bench]")')
     settings = {
         "steps": args.steps,
         "optimizers": {name: OPTIMIZERS[name] for name in args.optimizers},
         "methods": args.methods,
         "repeats": args.repeats,
+        "device": args.device,
         "max_unroll_steps": args.max_unroll_steps,
+        "memory_limit_gb": args.memory_limit_gb,
+        "gpu_memory_limit_gb": args.gpu_memory_limit_gb,
+        "memory_probe_steps": list(PROBE_STEPS),
         "dataset": "digits",
         "model": MODEL,
         "batch_size": BATCH_SIZE,
         "seed": SEED,
         "metaparams": list(METAPARAMS),
         "dtype": "float32",
-        "exactness": f"float64, T <= {EXACTNESS_MAX_STEPS}",
+        "exactness": f"float64, T <= {EXACTNESS_MAX_STEPS}, against {REFERENCE}",
+        "peers": list(PEERS),
     }
     report: dict[str, Any] = {
         "benchmark": "bench_grad",
         "argv": sys.argv[1:],
         "settings": settings,
-        "environment": environment(),
+        "environment": environment(args.device),
         "rows": [],
     }
-    started = time.perf_counter()
-
-    def log(message: str) -> None:
-        print(f"[{time.perf_counter() - started:7.1f} s] {message}", file=sys.stderr, flush=True)
-
+    guard = MemoryGuard(args, log)
     for optimizer in args.optimizers:
         for steps in args.steps:
-            report["rows"].extend(run_group(optimizer, steps, args, log))
+            report["rows"].extend(run_group(optimizer, steps, args, guard, log))
             if args.out is not None:  # after every group, so a long run leaves partial results
                 write_json(args.out, report)
 
+    report["memory_probes"] = {
+        f"{opt}/{method}": probe for (opt, method), probe in guard.probes.items()
+    }
     report["total_s"] = time.perf_counter() - started
     if args.out is not None:
         write_json(args.out, report)
         log(f"wrote {args.out}")
-    print(format_table(report["rows"], markdown=args.markdown))
+    gpu = args.device.startswith("cuda")
+    print(format_table(report["rows"], markdown=args.markdown, gpu=gpu))
     return 0
 
 
