@@ -42,6 +42,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -208,6 +209,11 @@ class ReplayPlan:
     @classmethod
     def build(cls, steps: int, k: int | None = None, *, fused: bool = False) -> "ReplayPlan":
         k = default_k(steps) if k is None else int(k)
+        return cls._build(steps, min(k, max(steps, 2)), fused and k < steps)
+
+    @classmethod
+    @functools.lru_cache(maxsize=64)
+    def _build(cls, steps: int, k: int, fused: bool) -> "ReplayPlan":
         live, graphs, replayed = 0, 0, 0
         with_graph: set[int] = set()
         pairs: set[tuple[int, int]] = set()
@@ -231,9 +237,12 @@ class ReplayPlan:
             elif isinstance(op, Free):
                 live -= 1
             pairs.add((live, graphs))
-        frontier = tuple(sorted(
-            (c, g) for c, g in pairs if not any(c2 >= c and g2 >= g and (c2, g2) != (c, g) for c2, g2 in pairs)
-        ))
+        frontier, most_graphs = [], -1
+        for c, g in sorted(pairs, reverse=True):  # by checkpoints, descending
+            if g > most_graphs:  # not dominated by a pair with at least as many checkpoints
+                frontier.append((c, g))
+                most_graphs = g
+        frontier = tuple(sorted(frontier))
         depth = 0
         while k**depth < steps:
             depth += 1
@@ -282,16 +291,17 @@ class ReplayPlan:
         if steps <= 2:
             return cls.build(steps, steps)
         root = default_k(steps)
-        grid = sorted({min(steps - 1, int(round(root * 1.2**j))) for j in range(16)})
+        # Two levels hold about k·S + (T/k)·(S + G) at the peak: least near k* = √(T(S+G)/S).
+        best = math.sqrt(steps * (state_bytes + (graph_bytes if fused else 0)) / max(state_bytes, 1))
+        grid = sorted({min(steps - 1, max(root, int(round(best * f)))) for f in (0.8, 0.9, 1.0, 1.12, 1.25)})
         two_level = [cls.build(steps, k, fused=fused) for k in grid]
         lean = min(two_level, key=lambda plan: (plan.peak_bytes(state_bytes, graph_bytes), -plan.k))
         if budget is None:
             if cap is None or lean.peak_bytes(state_bytes, graph_bytes) <= cap:
                 return lean
             budget = cap
-        everything = cls.build(steps, steps)
-        if everything.peak_bytes(state_bytes) <= budget:
-            return everything
+        if (steps + 3) * state_bytes <= budget:  # every state, the adjoint and the final state
+            return cls.build(steps, steps)
         if lean.peak_bytes(state_bytes, graph_bytes) <= budget:
             return lean
         k = root - 1
