@@ -13,9 +13,9 @@ validation cross-entropy after T steps; the metagradient is ``(dL/dlr, dL/dw)``.
 
 Methods (``--methods``):
 
-* ``mgd-replay``: ``mgd.metagradient(trainer, objective)``, the REPLAY checkpoint tree with
-  the default branching factor ``k = ⌈√T⌉`` (memory ~ ``2√T`` states, ~1 extra training run)
-  and the engine's default per-step VJP (its ``vjp=`` default; the results file records it);
+* ``mgd-replay``: ``mgd.metagradient(trainer, objective)``, default settings: the lean
+  two-level REPLAY tree (memory ``O(√T)``, ~1 extra training run) and the default per-step
+  VJP, ``"fused"`` (the results file records the plan and the VJP);
 * ``mgd-replay-db`` and ``mgd-replay-mixed``: the same with ``vjp="double-backward"`` (the
   oracle VJP: re-run the step with a graph) and ``vjp="mixed"`` (forward-over-reverse);
 * ``mgd-unrolled``: ``mgd.metagradient(..., mode="unrolled")``, every state stored, default VJP;
@@ -403,26 +403,37 @@ def exactness_task(optimizer: str, steps: int, methods: list[str], device: str) 
     return errors
 
 
-def worker_main(task_json: str) -> None:
-    """Entry point of a worker: run one task, print its result as one JSON line on stdout."""
-    task = json.loads(task_json)
+def run_task(task: dict[str, Any]) -> dict[str, Any]:
+    """One measurement task (``time``, ``probe`` or ``exactness``), in this process."""
     kind, device = task["kind"], task["device"]
     if kind == "time":
-        result = time_task(task["optimizer"], task["steps"], task["method"], device)
-    elif kind == "probe":
-        result = probe_task(task["optimizer"], task["method"], device)
-    elif kind == "exactness":
-        result = exactness_task(task["optimizer"], task["steps"], task["methods"], device)
-    else:
-        raise ValueError(f"unknown worker task {kind!r}")
-    print(json.dumps(result), flush=True)
+        return time_task(task["optimizer"], task["steps"], task["method"], device)
+    if kind == "probe":
+        return probe_task(task["optimizer"], task["method"], device)
+    if kind == "exactness":
+        return exactness_task(task["optimizer"], task["steps"], task["methods"], device)
+    raise ValueError(f"unknown worker task {kind!r}")
+
+
+def worker_main(task_json: str) -> None:
+    """Entry point of a worker: run one task, print its result as one JSON line on stdout."""
+    print(json.dumps(run_task(json.loads(task_json))), flush=True)
 
 
 # =============================================================================== driver side
 
 
+#: ``--in-process``: run every task in the driver's process instead of a fresh interpreter.
+IN_PROCESS = False
+
+
 def run_worker(task: dict[str, Any], timeout: float | None) -> dict[str, Any]:
     """Run one task in a fresh interpreter: ``{"ok": True, "result": ...}`` or the failure."""
+    if IN_PROCESS:
+        try:
+            return {"ok": True, "result": run_task(task)}
+        except Exception as error:  # reported in the table like a failed worker
+            return {"ok": False, "error": f"{type(error).__name__}: {error}"}
     env = dict(os.environ)
     # One thread everywhere, also for OpenMP/MKL pools that torch may start before the
     # worker calls set_num_threads.
@@ -784,6 +795,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"skip the methods that store the whole run "
                              f"({', '.join(UNROLLED_METHODS)}) for T above this "
                              "(default: no limit)")
+    parser.add_argument("--in-process", action="store_true",
+                        help="run every measurement in this process instead of a fresh one each "
+                             "(for CUDA, where starting a process costs ~15 s; RSS numbers are then "
+                             "less isolated, GPU memory numbers are not affected)")
     parser.add_argument("--timeout", type=float, default=None,
                         help="seconds before a worker is killed and recorded as failed")
     parser.add_argument("--out", type=Path, default=None, help="write all results as JSON here")
@@ -929,6 +944,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker is not None:
         worker_main(args.worker)
         return 0
+    global IN_PROCESS
+    IN_PROCESS = args.in_process
 
     from mgd.io import write_json
 
@@ -946,6 +963,7 @@ def main(argv: list[str] | None = None) -> int:
         "methods": args.methods,
         "repeats": args.repeats,
         "device": args.device,
+        "in_process": args.in_process,
         "max_unroll_steps": args.max_unroll_steps,
         "memory_limit_gb": args.memory_limit_gb,
         "gpu_memory_limit_gb": args.gpu_memory_limit_gb,
