@@ -60,3 +60,14 @@ def test_candidates_round_trip_through_a_run_directory(tmp_path):
     (run_dir.path / "candidates" / "mgd-selection.json").write_text("{broken")
     with pytest.raises(UserError, match="corrupt"):
         load_candidate(run_dir, "mgd-selection")
+
+
+def test_evaluation_in_worker_processes_gives_identical_numbers(digits):
+    config = RunConfig(steps=20, width=16, batch_size=50)
+    weights = {"data_weights": np.linspace(0.5, 1.5, len(digits.y_train))}
+    candidates = [Candidate("clean"), Candidate("weighted", meta=weights, kind="mgd")]
+    sequential = evaluate(config, digits, candidates, [100, 101, 102])
+    parallel = evaluate(config, digits, candidates, [100, 101, 102], workers=2)
+    for name in ("clean", "weighted"):
+        assert parallel["methods"][name]["per_seed"] == sequential["methods"][name]["per_seed"]
+    assert parallel["methods"]["weighted"]["per_seed"] != sequential["methods"]["clean"]["per_seed"]

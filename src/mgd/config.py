@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mgd.distributed import SINGLE_PROCESS, Collective
 from mgd.corruption import label_noise
 from mgd.data import DATASETS, Dataset, load_dataset
 from mgd.errors import UserError
@@ -142,8 +143,13 @@ def _device(name: str) -> torch.device:
         raise UserError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto") from None
 
 
-def build_problem(config: RunConfig, *, dataset: Dataset | None = None) -> Problem:
-    """Build the dataset, model and trainer a config describes."""
+def build_problem(
+    config: RunConfig, *, dataset: Dataset | None = None, collective: Collective = SINGLE_PROCESS
+) -> Problem:
+    """Build the dataset, model and trainer a config describes.
+
+    ``collective``: train data-parallel over the ranks of :mod:`mgd.distributed`.
+    """
     config = config.resolved()
     if config.dtype not in DTYPES:
         raise UserError(f"unknown dtype {config.dtype!r}; choose one of {', '.join(DTYPES)}")
@@ -193,6 +199,7 @@ def build_problem(config: RunConfig, *, dataset: Dataset | None = None) -> Probl
         seed=config.seed,
         metaparams=metaparams,
         warmup_steps=config.warmup_steps,
+        collective=collective,
     )
     return Problem(
         config,

@@ -66,6 +66,9 @@ class StepInputs:
         example_weights: per-example loss weights, or ``None`` for all ones.
         lr: the learning rate of this step (0-dim tensor).
         weight_decay: the weight decay of this step (float or 0-dim tensor).
+        batch_size: the full minibatch size ``B`` the loss is averaged over; with data
+            parallelism (:mod:`mgd.distributed`) ``index`` is this rank's shard of it.
+            ``None``: ``len(index)``.
     """
 
     index: Tensor
@@ -74,6 +77,7 @@ class StepInputs:
     example_weights: Tensor | None
     lr: Tensor
     weight_decay: Union[float, Tensor]
+    batch_size: int | None = None
 
 
 class MetaParam(ABC):

@@ -51,6 +51,7 @@ from typing import Callable, Iterator, Mapping, Protocol, Sequence, Union
 import torch
 from torch import Tensor
 
+from mgd.distributed import check_replicated
 from mgd.errors import ReplayDivergedError, UserError
 from mgd.memory import default_memory_budget, format_bytes, step_graph_bytes
 from mgd.step_vjp import (
@@ -440,6 +441,8 @@ def metagradient(
         raise UserError(f"the truncation horizon must be >= 1 step, got {horizon}")
     if isinstance(vjp, str) and vjp not in VJP_MODES:
         raise UserError(f"unknown per-step VJP {vjp!r}; choose one of {', '.join(VJP_MODES)}")
+    if not isinstance(vjp, str) and trainer.collective.world_size > 1:
+        raise UserError("a custom per-step VJP cannot run data-parallel; use one of " + ", ".join(VJP_MODES))
     fused = vjp == "fused"
     mixed = vjp == "mixed"
     step_vjp: StepVJP = double_backward_vjp if isinstance(vjp, str) else vjp
@@ -531,6 +534,7 @@ def metagradient(
     checkpoints[0] = s0
     note_live()
     final = run_forward(s0, T, first.store, "forward")
+    check_replicated(trainer.collective, forward_fp[[0, T]], "initial or final training states")
     with torch.enable_grad():
         theta = final.params.detach().requires_grad_(True)
         buffers = final.buffers.detach().requires_grad_(True)
@@ -546,6 +550,9 @@ def metagradient(
     # ---- reverse pass
     started = time.perf_counter()
     grads = {name: torch.zeros_like(values[name]) for name in wrt}
+    # With data parallelism, what reaches z through a rank's own examples is summed at the end.
+    split = trainer.collective.world_size > 1
+    partial = {name: torch.zeros_like(values[name]) for name in wrt} if split else {}
     for op in ops:
         if isinstance(op, Replay):
             run_forward(checkpoints[op.start], op.stop, op.store, "replay", leaf=op.leaf)
@@ -558,15 +565,21 @@ def metagradient(
             if op.step in graphs:
                 graph = graphs.pop(op.step)
                 note_live()
-                adjoint, local_grads = pull_back(trainer, state, graph, wrt, adjoint)
+                result = pull_back(trainer, state, graph, wrt, adjoint, split=split)
             elif mixed:
                 grad = cached_grads.pop(op.step, None)
-                adjoint, local_grads = mixed_mode_vjp(trainer, state, local, wrt, adjoint, grad)
+                result = mixed_mode_vjp(trainer, state, local, wrt, adjoint, grad, split=split)
+            elif split:
+                result = pull_back(trainer, state, grad_graph(trainer, state, local, wrt), wrt, adjoint, split=True)
             else:
-                adjoint, local_grads = step_vjp(trainer, state, local, wrt, adjoint)
-            index = trainer.batch_indices(op.step)
+                result = step_vjp(trainer, state, local, wrt, adjoint)
+            adjoint, local_grads = result[0], result[1]
+            index = trainer.shard_indices(op.step)
             for name in wrt:
-                trainer.metaparams[name].accumulate(grads[name], local_grads[name], op.step, index)
+                kind = trainer.metaparams[name]
+                kind.accumulate(grads[name], local_grads[name], op.step, index)
+                if split:
+                    kind.accumulate(partial[name], result[2][name], op.step, index)
             if trace is not None:
                 trace.events.append(("vjp", op.step))
             if progress is not None:
@@ -574,6 +587,8 @@ def metagradient(
         elif isinstance(op, Free):
             del checkpoints[op.step]
             note_live()
+    for name in partial:
+        grads[name] += trainer.collective.all_reduce_sum(partial[name])
     reverse_seconds = time.perf_counter() - started
 
     if bool(diverged.any()):

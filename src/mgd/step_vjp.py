@@ -108,7 +108,9 @@ class GradGraph:
         leaves: the metaparameter slices (leaves for those differentiated).
         inputs: what the step consumed (``lr``, ``weight_decay`` and the example weights keep
             their graph to ``leaves``).
-        grad: ``g_t``, differentiable in ``params``, ``leaves`` (through the weights).
+        grad: ``g_t`` (this rank's shard of it with data parallelism), differentiable in
+            ``params`` and ``leaves`` (through the weights).
+        full_grad: ``g_t`` summed over ranks, detached: what the update consumes.
         new_buffers: the new BatchNorm statistics, differentiable in ``params`` and ``buffers``.
     """
 
@@ -118,6 +120,7 @@ class GradGraph:
     leaves: dict[str, Tensor]
     inputs: StepInputs
     grad: Tensor
+    full_grad: Tensor
     new_buffers: Tensor
 
 
@@ -133,14 +136,15 @@ def grad_graph(
         inputs = trainer.step_inputs(t, leaves)
         loss, new_buffers = trainer.batch_loss(params, buffers, inputs, t)
         (grad,) = torch.autograd.grad(loss, params, create_graph=True)
-    return GradGraph(t, params, buffers, leaves, inputs, grad, new_buffers)
+    full_grad = trainer.sum_over_ranks(grad.detach())
+    return GradGraph(t, params, buffers, leaves, inputs, grad, full_grad, new_buffers)
 
 
 def next_state(trainer: Trainer, state: TrainState, graph: GradGraph) -> TrainState:
     """``s_{t+1}`` from a :class:`GradGraph`: the same arithmetic as :meth:`Trainer.step`."""
     with torch.no_grad():
         new_params, new_opt = trainer.optimizer.update(
-            graph.grad.detach(), state.params, state.opt_state, step=state.step,
+            graph.full_grad, state.params, state.opt_state, step=state.step,
             lr=graph.inputs.lr.detach(), weight_decay=_detached(graph.inputs.weight_decay),
         )
     return TrainState(new_params, tuple(new_opt), graph.new_buffers.detach(), state.step + 1)
@@ -186,14 +190,22 @@ def pull_back(
     graph: GradGraph,
     wrt: Sequence[str],
     adjoint: tuple[Tensor, ...],
-) -> tuple[tuple[Tensor, ...], dict[str, Tensor]]:
+    *,
+    split: bool = False,
+):
     """The VJP of step ``t`` given its :class:`GradGraph`: reverse-over-reverse.
 
     First the update's VJP gives ``ḡ``; then one backward pass through the kept gradient graph
-    gives ``H_t ḡ``, the data-weight terms and the BatchNorm statistics' share.
+    gives ``H_t ḡ``, the data-weight terms and the BatchNorm statistics' share. With data
+    parallelism the Hessian-vector product is summed over ranks here.
+
+    Returns:
+        ``(ā_t, z̄_local)``; with ``split=True``, ``(ā_t, z̄ through the update, z̄ through
+        this rank's loss)``: the first is the same on every rank, the second must be summed
+        over ranks (see :mod:`mgd.distributed`).
     """
     g_bar, theta_bar, moments_bar, local_bar = _update_pullback(
-        trainer, state, graph.grad, graph.inputs, graph.leaves, wrt, adjoint
+        trainer, state, graph.full_grad, graph.inputs, graph.leaves, wrt, adjoint
     )
     outputs, seeds = [graph.grad], [g_bar]
     if graph.new_buffers.requires_grad:
@@ -202,8 +214,15 @@ def pull_back(
     targets = (graph.params, graph.buffers, *(graph.leaves[name] for name in wrt))
     grads = torch.autograd.grad(outputs, targets, seeds, allow_unused=True)
     params_bar, buffers_bar = _zeros_for_none(grads[:2], targets[:2])
+    adjoint_t = (theta_bar + trainer.sum_over_ranks(params_bar), *moments_bar, buffers_bar)
+    if split:
+        return adjoint_t, local_bar, _partial(grads[2:], wrt, local_bar)
     _add(local_bar, wrt, grads[2:])
-    return (theta_bar + params_bar, *moments_bar, buffers_bar), local_bar
+    return adjoint_t, local_bar
+
+
+def _partial(extra: Sequence[Tensor | None], wrt: Sequence[str], like: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    return {name: torch.zeros_like(like[name]) if e is None else e for name, e in zip(wrt, extra)}
 
 
 def double_backward_vjp(
@@ -249,17 +268,20 @@ def mixed_mode_vjp(
     wrt: Sequence[str],
     adjoint: tuple[Tensor, ...],
     grad: Tensor | None = None,
-) -> tuple[tuple[Tensor, ...], dict[str, Tensor]]:
+    *,
+    split: bool = False,
+):
     """The VJP of one step by mixed-mode differentiation (see the module docstring).
 
     Args:
-        grad: ``g_t`` if the caller already has it (a replay computed it); else it is
-            recomputed. The other arguments are those of :class:`StepVJP`.
+        grad: ``g_t`` (summed over ranks) if the caller already has it (a replay computed
+            it); else it is recomputed. ``split``: as in :func:`pull_back`. The other
+            arguments are those of :class:`StepVJP`.
     """
     blocker = forward_mode_blocker(trainer)
     if blocker is not None:
         _fall_back(blocker)
-        return double_backward_vjp(trainer, state, local, wrt, adjoint)
+        return pull_back(trainer, state, grad_graph(trainer, state, local, wrt), wrt, adjoint, split=split)
     t = state.step
     params, *opt_state, buffers = state.tensors()
     with torch.enable_grad():
@@ -267,7 +289,8 @@ def mixed_mode_vjp(
         inputs = trainer.step_inputs(t, leaves)
         if inputs.x.requires_grad:
             _fall_back("a metaparameter changes the training inputs")
-            return double_backward_vjp(trainer, state, local, wrt, adjoint)
+            graph = grad_graph(trainer, state, local, wrt)
+            return pull_back(trainer, state, graph, wrt, adjoint, split=split)
         constant = replace(
             inputs,
             example_weights=None if inputs.example_weights is None else inputs.example_weights.detach(),
@@ -276,6 +299,7 @@ def mixed_mode_vjp(
             p = params.detach().requires_grad_(True)
             loss, _ = trainer.batch_loss(p, buffers, constant, t)
             (grad,) = torch.autograd.grad(loss, p)
+            grad = trainer.sum_over_ranks(grad)
     # 1. The optimizer update, differentiated on its own given g (cheap: elementwise).
     g_bar, theta_bar, moments_bar, local_bar = _update_pullback(
         trainer, state, grad, inputs, leaves, wrt, adjoint
@@ -288,13 +312,17 @@ def mixed_mode_vjp(
         (dual_grad,) = torch.autograd.grad(trainer.weighted_mean(losses, constant), p, create_graph=True)
         hvp = fwAD.unpack_dual(dual_grad).tangent
         loss_tangents = fwAD.unpack_dual(losses).tangent  # ∇ℓ_i · ḡ
-    theta_bar = theta_bar + (torch.zeros_like(theta_bar) if hvp is None else hvp.detach())
+    if hvp is not None:
+        theta_bar = theta_bar + trainer.sum_over_ranks(hvp.detach())
 
     # 3. Data weights: ∂L/∂w_i · ḡ = ∇ℓ_i·ḡ / B, chained into the metaparameters behind w.
     weights = inputs.example_weights
+    extra: Sequence[Tensor | None] = [None] * len(wrt)
     if weights is not None and weights.requires_grad and loss_tangents is not None:
-        weight_bar = loss_tangents.detach() / len(loss_tangents)
+        weight_bar = loss_tangents.detach() / (constant.batch_size or len(loss_tangents))
         extra = torch.autograd.grad(weights, [leaves[name] for name in wrt], weight_bar, allow_unused=True)
-        _add(local_bar, wrt, extra)
-    buffers_bar = torch.zeros_like(buffers)
-    return (theta_bar, *moments_bar, buffers_bar), local_bar
+    adjoint_t = (theta_bar, *moments_bar, torch.zeros_like(buffers))
+    if split:
+        return adjoint_t, local_bar, _partial(extra, wrt, local_bar)
+    _add(local_bar, wrt, extra)
+    return adjoint_t, local_bar

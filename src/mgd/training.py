@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from mgd.distributed import SINGLE_PROCESS, Collective
 from mgd.errors import UserError
 from mgd.metaparams import MetaParam, StepInputs, resolve_metaparams
 from mgd.optim import Optimizer
@@ -191,6 +192,8 @@ class Trainer:
         metaparams: the kinds of metaparameters this run has (names from
             :data:`mgd.metaparams.METAPARAMS`, or instances). Their values are passed to
             :meth:`step`; a missing value means the kind's neutral default.
+        collective: data parallelism (:mod:`mgd.distributed`): this process computes its
+            shard of every minibatch and gradients are summed over ranks. Default: one process.
 
     Example:
         >>> import torch
@@ -215,6 +218,7 @@ class Trainer:
     seed: int = 0
     metaparams: Mapping[str, MetaParam] | tuple = ()
     warmup_steps: int = 0
+    collective: Collective = SINGLE_PROCESS
     _names: tuple[str, ...] = field(init=False, repr=False)
     _shapes: tuple[torch.Size, ...] = field(init=False, repr=False)
     _numels: tuple[int, ...] = field(init=False, repr=False)
@@ -243,6 +247,17 @@ class Trainer:
             raise UserError(f"weight decay must be >= 0, got {self.weight_decay}")
         if self.warmup_steps < 0:
             raise UserError(f"warm-up steps must be >= 0, got {self.warmup_steps}")
+        if self.collective.world_size > 1:
+            if self._norms:
+                raise UserError(
+                    "BatchNorm is not supported with more than one process (its batch statistics "
+                    "would need synchronising); use --norm none or one process"
+                )
+            if self.batch_size < self.collective.world_size:
+                raise UserError(
+                    f"batch size {self.batch_size} is smaller than the {self.collective.world_size} "
+                    "processes: every rank needs at least one example per step"
+                )
         named = [(name, p) for name, p in self.model.named_parameters()]
         self._names = tuple(name for name, _ in named)
         self._shapes = tuple(p.shape for _, p in named)
@@ -421,12 +436,25 @@ class Trainer:
             values[name] = value
         return values
 
+    def sum_over_ranks(self, tensor: Tensor) -> Tensor:
+        """``Σ_r tensor_r`` over the data-parallel ranks (``tensor`` itself with one process)."""
+        return tensor if self.collective.world_size == 1 else self.collective.all_reduce_sum(tensor)
+
+    def shard_indices(self, step: int) -> Tensor:
+        """This rank's part of the minibatch of ``step``: positions ``rank, rank + W, ...``.
+
+        A pure function of ``(seed, step, world size)``; the whole batch with one process.
+        """
+        index = self.batch_indices(step)
+        world = self.collective.world_size
+        return index if world == 1 else index[self.collective.rank :: world]
+
     def step_inputs(self, step: int, local: Mapping[str, Tensor]) -> StepInputs:
         """What step ``step`` consumes, after every metaparameter has acted on it.
 
         ``local`` holds each metaparameter's slice for this step (:meth:`MetaParam.local`).
         """
-        index = self.batch_indices(step)
+        index = self.shard_indices(step)
         lr = self.lr
         if self.warmup_steps:
             lr = lr * min(1.0, (step + 1) / self.warmup_steps)
@@ -437,13 +465,14 @@ class Trainer:
             example_weights=None,
             lr=torch.tensor(lr, dtype=self.dtype, device=self.device),
             weight_decay=self.weight_decay,
+            batch_size=self.batch_size,
         )
         for name, mp in self.metaparams.items():
             inputs = mp.apply(local[name], inputs, step, self)
         return inputs
 
     def local_meta(self, meta: Mapping[str, Tensor], step: int) -> dict[str, Tensor]:
-        index = self.batch_indices(step)
+        index = self.shard_indices(step)
         return {name: mp.local(meta[name], step, index) for name, mp in self.metaparams.items()}
 
     def example_losses(
@@ -455,10 +484,10 @@ class Trainer:
 
     @staticmethod
     def weighted_mean(losses: Tensor, inputs: StepInputs) -> Tensor:
-        """``(1/B) Σ_i w_i ℓ_i`` (``w_i = 1`` without data weights)."""
+        """``(1/B) Σ_i w_i ℓ_i`` over this rank's examples (``w_i = 1`` without data weights)."""
         if inputs.example_weights is not None:
             losses = inputs.example_weights * losses
-        return losses.sum() / len(losses)
+        return losses.sum() / (inputs.batch_size or len(losses))
 
     def batch_loss(
         self, params: Tensor, buffers: Tensor, inputs: StepInputs, step: int
@@ -504,6 +533,7 @@ class Trainer:
         with torch.enable_grad():
             loss, new_buffers = self.batch_loss(params, state.buffers, inputs, t)
             (grad,) = torch.autograd.grad(loss, params)
+        grad = self.sum_over_ranks(grad)
         with torch.no_grad():
             new_params, new_opt = self.optimizer.update(
                 grad, state.params, state.opt_state, step=t, lr=inputs.lr,

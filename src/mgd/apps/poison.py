@@ -665,6 +665,7 @@ def run_poisoning(
     mgd_state=None,
     on_mgd_step: Callable | None = None,
     progress: Callable | None = None,
+    eval_workers: int = 1,
 ) -> dict:
     """Run the poisoning protocol and return the report (see the module docstring).
 
@@ -725,10 +726,12 @@ def run_poisoning(
         if plan.x.shape[0] != len(candidate.y_train) or not box.contains(candidate.x_train[plan.slots]):
             raise AssertionError(f"{name} produced poisons outside the box; please report this bug")
         candidates.append(candidate)
-    report = evaluate(config, dataset, candidates, eval_seeds, attack=True, progress=progress)
+    report = evaluate(config, dataset, candidates, eval_seeds, attack=True, progress=progress, workers=eval_workers)
     report["poisoning"] = poisoning_summary(report)
     if transfer is not None:
-        transferred = evaluate(transfer, dataset, candidates, eval_seeds, attack=True, progress=progress)
+        transferred = evaluate(
+            transfer, dataset, candidates, eval_seeds, attack=True, progress=progress, workers=eval_workers
+        )
         report["transfer"] = {"config": transfer.to_dict(), "report": transferred,
                               "poisoning": poisoning_summary(transferred)}
     report["setup"] = {

@@ -20,7 +20,7 @@ import torch
 from mgd.config import RunConfig
 from mgd.data import Dataset
 from mgd.errors import UserError
-from mgd.evaluation import mean_ci, retrain_and_evaluate
+from mgd.evaluation import mean_ci, parallel_map, retrain_and_evaluate
 from mgd.io import atomic_write_bytes
 
 __all__ = [
@@ -104,23 +104,24 @@ def evaluate(
     *,
     attack: bool = False,
     progress=None,
+    workers: int = 1,
 ) -> dict:
     """Retrain every candidate on every evaluation seed and summarise (see the module doc).
 
     ``attack=True`` (poisoning) makes the reference baseline the one with the *lowest*
-    validation accuracy, i.e. the strongest attack, instead of the highest.
+    validation accuracy, i.e. the strongest attack, instead of the highest. ``workers > 1``
+    spreads the retraining runs over that many processes (identical results).
     """
     names = [c.name for c in candidates]
     if len(set(names)) != len(names):
         raise UserError(f"method names must be distinct: {names}")
     started = time.perf_counter()
+    tasks = [(config, dataset, candidate, seed) for candidate in candidates for seed in seeds]
+    done = (lambda: progress("evaluate", 1)) if progress is not None else None
+    results = iter(parallel_map(_train_once, tasks, workers=workers, on_done=done))
     methods = {}
     for candidate in candidates:
-        per_seed = []
-        for seed in seeds:
-            per_seed.append(_train_once(config, dataset, candidate, seed))
-            if progress is not None:
-                progress("evaluate", 1)
+        per_seed = [next(results) for _ in seeds]
         methods[candidate.name] = {
             "kind": candidate.kind,
             "test_accuracy": mean_ci([r["test_accuracy"] for r in per_seed]),

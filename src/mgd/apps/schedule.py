@@ -708,8 +708,11 @@ def run_schedule_search(
     k: int | None = None,
     store=None,
     progress: Callable[[str, int], None] | None = None,
+    eval_workers: int = 1,
 ) -> dict:
     """Run the chosen methods, evaluate them all with :func:`~mgd.apps.protocol.evaluate`.
+
+    ``eval_workers``: processes for the evaluation's retraining runs (same results).
 
     Selection (grid, random search, HD, MGD's iterate) uses the first ``selection_seeds``
     crafting seeds; MGD rotates over all crafting seeds. The constant starting schedules are
@@ -780,7 +783,7 @@ def run_schedule_search(
             _save_candidate(store, budget)
             candidates.append(budget)
 
-    report = evaluate(config, dataset, candidates, eval_seeds, progress=progress)
+    report = evaluate(config, dataset, candidates, eval_seeds, progress=progress, workers=eval_workers)
     report["schedule"] = {
         "lr_by_step": {c.name: absolute_schedule(c, config).tolist() for c in candidates},
         "mgd_progress": {s: c.info["val_objective_by_step"] for s, c in mgd.items()},

@@ -736,8 +736,11 @@ def run_selection(
     finished: Mapping[str, Candidate] | None = None,
     on_candidate: Callable[[Candidate], None] | None = None,
     progress: Callable[[str, int], None] | None = None,
+    eval_workers: int = 1,
 ) -> dict:
     """Run every method, then evaluate all candidates with :func:`mgd.apps.protocol.evaluate`.
+
+    ``eval_workers``: processes for the retraining runs of the evaluation (same results).
 
     Args:
         config: the frozen recipe (its ``label_noise`` must be 0: corrupt the pool instead).
@@ -804,7 +807,7 @@ def run_selection(
         history = done["mgd-selection"].info.get("history", history)
     for candidate in candidates:  # rankings and histories are diagnostics, not table entries
         candidate.info = {key: v for key, v in candidate.info.items() if key not in ("order", "history")}
-    report = evaluate(config, pool.dataset, candidates, list(eval_seeds), progress=progress)
+    report = evaluate(config, pool.dataset, candidates, list(eval_seeds), progress=progress, workers=eval_workers)
     report["selection"] = {
         "budget": budget,
         "k": k,

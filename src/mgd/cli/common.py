@@ -125,6 +125,20 @@ def configure_torch(args: argparse.Namespace) -> None:
         torch.backends.cudnn.allow_tf32 = False
 
 
+def add_distributed_flags(parser) -> None:
+    """``--dist-timeout``: how long a rank waits for the others (under ``torchrun``)."""
+    parser.add_argument("--dist-timeout", type=positive_float, default=300.0, metavar="SECONDS",
+                        help="under torchrun: seconds a collective may wait for the other ranks before "
+                             "this rank stops with an error (default: %(default)s)")
+
+
+def collective_from_args(args: argparse.Namespace):
+    """The data-parallel group of this process (one process unless launched by torchrun)."""
+    from mgd.distributed import from_environment
+
+    return from_environment(args.device, args.dist_timeout)
+
+
 def add_replay_k_flag(parser) -> None:
     parser.add_argument("--replay-k", type=replay_k, metavar="K",
                         help="REPLAY tree branching factor >= 2 (default: the lean two-level tree, "
@@ -168,6 +182,13 @@ def add_run_dir_flags(
     parser.add_argument("--out", default=default_out, help="new run directory (default: %(default)s)")
     parser.add_argument("--resume", metavar="DIR", help=resume_help)
     parser.add_argument("--quiet", action="store_true", help="no progress bars or summary")
+
+
+def add_eval_workers_flag(parser: argparse.ArgumentParser) -> None:
+    """``--eval-workers``: processes for the final retraining runs (results are identical)."""
+    parser.add_argument("--eval-workers", type=positive_int, default=1, metavar="N",
+                        help="retrain the evaluation seeds in N processes, each with --threads threads; "
+                             "the numbers are identical to N = 1 (default: %(default)s)")
 
 
 @contextmanager

@@ -11,8 +11,10 @@ from mgd import __version__
 from mgd._resources import peak_memory
 from mgd.cli.common import (
     add_output_flags,
+    add_distributed_flags,
     add_plan_flags,
     add_run_flags,
+    collective_from_args,
     config_from_args,
     configure_torch,
     meta_files,
@@ -40,6 +42,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="replay: lazy k-ary checkpoint tree; unrolled: store every state (default: %(default)s)")
     add_plan_flags(r)
     add_output_flags(parser, "runs/grad")
+    add_distributed_flags(parser)
     parser.set_defaults(run=run)
 
 
@@ -51,10 +54,12 @@ def run(args: argparse.Namespace) -> int:
     wrt = parse_meta(args.meta)
     configure_torch(args)
     config = config_from_args(args)
-    problem = build_problem(config)
+    collective = collective_from_args(args)
+    problem = build_problem(config, collective=collective)
     meta = problem.load_meta_files(meta_files(args))
     totals = {"forward": config.steps, "reverse": config.steps}
-    with progress_bars(totals, enabled=not args.quiet) as progress:
+    # Under torchrun every rank computes; only rank 0 shows progress and writes outputs.
+    with progress_bars(totals, enabled=not args.quiet and collective.is_main) as progress:
         started = time.perf_counter()
         with peak_memory() as memory:
             result = metagradient(
@@ -76,12 +81,15 @@ def run(args: argparse.Namespace) -> int:
         "peak_memory_mb": memory.extra_mb,
         "config": config.to_dict(),
         "threads": args.threads,
+        "distributed": collective.describe(),
         "meta": wrt,
         "meta_files": meta_files(args),
         "dataset": problem.dataset.summary(),
         "num_params": problem.trainer.num_params,
         "mgd_version": __version__,
     }
+    if not collective.is_main:
+        return 0
     write_npz(f"{args.out}/metagrad.npz", grads)
     write_json(f"{args.out}/result.json", summary)
     if not args.quiet:

@@ -1,7 +1,8 @@
 """``mgd``: parse the command line and dispatch to a subcommand.
 
 Every :class:`~mgd.errors.UserError` becomes one line on stderr and exit code 2; argparse
-errors exit with 2 as well. Anything else is a bug and keeps its traceback.
+errors exit with 2 as well. A diverged replay exits with 3, a failed collective (another rank
+died or timed out) with 4. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -12,9 +13,12 @@ from typing import Sequence
 
 from mgd._version import __version__
 from mgd.cli import estimate, grad, optimize, poison, schedule, select, smoothness, train
+from mgd.distributed import DistributedError, launched_by_torchrun
 from mgd.errors import ReplayDivergedError, UserError
 
 SUBCOMMANDS = (train, grad, optimize, select, poison, schedule, smoothness, estimate)
+#: Commands that run under ``torchrun`` (every rank computes, rank 0 writes).
+DATA_PARALLEL = ("train", "grad")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -47,6 +51,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     try:
+        if launched_by_torchrun() and args.command not in DATA_PARALLEL:
+            raise UserError(
+                f"mgd {args.command} does not run data-parallel; launch it without torchrun "
+                f"(data-parallel commands: {', '.join(DATA_PARALLEL)})"
+            )
         return int(args.run(args) or 0)
     except UserError as exc:
         print(f"mgd {args.command}: error: {exc}", file=sys.stderr)
@@ -54,9 +63,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ReplayDivergedError as exc:
         print(f"mgd {args.command}: replay diverged: {exc}", file=sys.stderr)
         return 3
+    except DistributedError as exc:
+        print(f"mgd {args.command}: {exc}", file=sys.stderr)
+        return 4
     except KeyboardInterrupt:
         print(f"mgd {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Tear down torch.distributed's group if a data-parallel command started one."""
+    if launched_by_torchrun():
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import torch
 
 from mgd import __version__
 from mgd.cli.common import (
+    add_eval_workers_flag,
     add_run_dir_flags,
     add_replay_k_flag,
     add_run_flags,
@@ -73,6 +74,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="fresh seeds for the final retraining (default: 100,...,104)")
     add_replay_k_flag(o)
     add_run_dir_flags(parser, "runs/optimize", resume_help="continue the run in DIR after a crash")
+    add_eval_workers_flag(parser)
     parser.set_defaults(run=run)
 
 
@@ -198,8 +200,9 @@ def run(args: argparse.Namespace) -> int:
         )
 
     # Final evaluation: retrain the start and the chosen iterate on fresh seeds; test read here.
-    start_eval = retrain_and_evaluate(config, dataset, make_full(z0), options["eval_seeds"])
-    best_eval = retrain_and_evaluate(config, dataset, make_full(state.best_z), options["eval_seeds"])
+    workers = args.eval_workers
+    start_eval = retrain_and_evaluate(config, dataset, make_full(z0), options["eval_seeds"], workers=workers)
+    best_eval = retrain_and_evaluate(config, dataset, make_full(state.best_z), options["eval_seeds"], workers=workers)
     history = run_dir.history()
     result = {
         "best_step": state.best_step,

@@ -22,7 +22,15 @@ from mgd.apps.poison import (
     victim_config,
 )
 from mgd.apps.protocol import load_candidate, save_candidate
-from mgd.cli.common import add_run_dir_flags, add_run_flags, configure_torch, positive_float, progress_bars, seed_list
+from mgd.cli.common import (
+    add_eval_workers_flag,
+    add_run_dir_flags,
+    add_run_flags,
+    configure_torch,
+    positive_float,
+    progress_bars,
+    seed_list,
+)
 from mgd.config import RunConfig
 from mgd.data import load_dataset
 from mgd.descent import state_from_arrays, state_to_arrays
@@ -74,6 +82,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "'auto' = ReLU and double width, 'none' = skip (default: %(default)s)")
     p.add_argument("--attack-seed", type=int, default=0, help="which clean points are copied (default: %(default)s)")
     add_run_dir_flags(parser, "runs/poison", resume_help="continue the run in DIR (finished methods are kept)")
+    add_eval_workers_flag(parser)
     parser.set_defaults(run=run)
 
 
@@ -142,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
             meta_steps=args.meta_steps, step_size=args.step_size, crafting_seeds=args.crafting_seeds,
             eval_seeds=args.eval_seeds, transfer=transfer, attack_seed=args.attack_seed, finished=finished,
             on_candidate=lambda c: save_candidate(run_dir, c), mgd_state=mgd_state, on_mgd_step=on_mgd_step,
-            progress=progress,
+            progress=progress, eval_workers=args.eval_workers,
         )
     title = f"mgd poison: {args.dataset}, {100 * args.budget:g}% {args.mode}, labels {args.labels}"
     text = report_text(report, title)

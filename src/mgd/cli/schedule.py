@@ -12,6 +12,7 @@ from mgd import __version__
 from mgd.apps import schedule as app
 from mgd.apps.protocol import write_report
 from mgd.cli.common import (
+    add_eval_workers_flag,
     add_run_dir_flags,
     add_replay_k_flag,
     add_run_flags,
@@ -84,6 +85,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="random-search budget in training runs (default: what one MGD start cost)")
     add_replay_k_flag(s)
     add_run_dir_flags(parser, "runs/schedule", resume_help="continue the run in DIR (finished methods are kept)")
+    add_eval_workers_flag(parser)
     parser.set_defaults(run=run)
 
 
@@ -117,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
             crafting_seeds=args.crafting_seeds, eval_seeds=args.eval_seeds,
             selection_seeds=args.selection_seeds, meta_lr=args.meta_lr, select_by=args.select_by,
             peaks=args.peaks, shapes=shapes, random_runs=args.random_runs, k=args.replay_k,
-            store=run_dir, progress=progress,
+            store=run_dir, progress=progress, eval_workers=args.eval_workers,
         )
     report["config"] = run_config
     report["mgd_version"] = __version__

@@ -20,6 +20,7 @@ from mgd.apps.select import (
     selection_markdown,
 )
 from mgd.cli.common import (
+    add_eval_workers_flag,
     add_run_dir_flags,
     add_replay_k_flag,
     add_run_flags,
@@ -84,6 +85,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="fresh seeds for the final retraining (default: 100-109)")
     add_replay_k_flag(m)
     add_run_dir_flags(parser, "runs/select", resume_help="continue the run in DIR (finished methods are kept)")
+    add_eval_workers_flag(parser)
     parser.set_defaults(run=run)
 
 
@@ -138,6 +140,7 @@ def run(args: argparse.Namespace) -> int:
             config, pool, budget=args.budget, methods=methods, mgd=settings,
             crafting_seeds=args.crafting_seeds, eval_seeds=args.eval_seeds, finished=finished,
             on_candidate=lambda c: save_candidate(run_dir, c), progress=progress,
+            eval_workers=args.eval_workers,
         )
     report["config"] = run_config
     described = ", ".join(f"{k.replace('_', ' ')} {v:g}" for k, v in rates.items() if v) or "none"

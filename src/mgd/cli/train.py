@@ -8,8 +8,10 @@ import time
 from mgd import __version__
 from mgd._resources import peak_memory
 from mgd.cli.common import (
+    add_distributed_flags,
     add_output_flags,
     add_run_flags,
+    collective_from_args,
     config_from_args,
     configure_torch,
     meta_files,
@@ -28,15 +30,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     add_run_flags(parser)
     add_output_flags(parser, "runs/train")
+    add_distributed_flags(parser)
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     configure_torch(args)
     config = config_from_args(args)
-    problem = build_problem(config)
+    collective = collective_from_args(args)
+    problem = build_problem(config, collective=collective)
     meta = problem.load_meta_files(meta_files(args))
-    with progress_bars({"train": config.steps}, enabled=not args.quiet) as progress:
+    with progress_bars({"train": config.steps}, enabled=not args.quiet and collective.is_main) as progress:
         callback = (lambda state: progress("train", 1)) if progress else None
         started = time.perf_counter()
         with peak_memory() as memory:
@@ -47,12 +51,15 @@ def run(args: argparse.Namespace) -> int:
         **metrics,
         "config": config.to_dict(),
         "threads": args.threads,
+        "distributed": collective.describe(),
         "dataset": problem.dataset.summary(),
         "num_params": problem.trainer.num_params,
         "train_seconds": seconds,
         "peak_memory_mb": memory.extra_mb,
         "mgd_version": __version__,
     }
+    if not collective.is_main:
+        return 0
     write_json(f"{args.out}/result.json", result)
     if not args.quiet:
         print(
