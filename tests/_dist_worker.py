@@ -30,6 +30,8 @@ def main() -> None:
     result = mgd.metagradient(trainer, objective, meta, k=3, vjp=vjp)
     if collective.is_main:
         np.savez(out, value=np.array(result.value), **{k: v.numpy() for k, v in result.grads.items()})
+    torch.distributed.barrier()  # both ranks done before either tears down its gloo threads
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -159,7 +159,30 @@ def _update_pullback(
     wrt: Sequence[str],
     adjoint: tuple[Tensor, ...],
 ) -> tuple[Tensor, Tensor, tuple[Tensor, ...], dict[str, Tensor]]:
-    """``(ḡ, ∂U/∂θᵀā, ∂U/∂oᵀā, z̄ through η and λ)``: autograd on the update ``U`` alone."""
+    """``(ḡ, ∂U/∂θᵀā, ∂U/∂oᵀā, z̄ through η and λ)``: the VJP of the update ``U`` alone.
+
+    In closed form when the optimizer has ``update_vjp`` (the built-in ones), else by
+    autograd over ``U``; ``η̄`` and ``λ̄`` are then chained into the metaparameters.
+    """
+    optimizer = trainer.optimizer
+    if hasattr(optimizer, "update_vjp"):
+        n = len(state.opt_state)
+        vjp = optimizer.update_vjp(
+            grad.detach(), state.params, state.opt_state, adjoint[0], tuple(adjoint[1 : 1 + n]),
+            step=state.step, lr=inputs.lr, weight_decay=inputs.weight_decay,
+        )
+        outputs, seeds = [], []
+        for value, bar in ((inputs.lr, vjp.lr), (inputs.weight_decay, vjp.weight_decay)):
+            if isinstance(value, Tensor) and value.requires_grad:
+                outputs.append(value)
+                seeds.append(bar)
+        local_bar = {name: torch.zeros_like(leaves[name]) for name in wrt}
+        if outputs and wrt:
+            # retain_graph: a metaparameter's own graph may be walked again (data weights)
+            extra = torch.autograd.grad(outputs, [leaves[name] for name in wrt], seeds,
+                                        allow_unused=True, retain_graph=True)
+            _add(local_bar, wrt, extra)
+        return vjp.grad, vjp.params, tuple(vjp.state), local_bar
     with torch.enable_grad():
         g = grad.detach().requires_grad_(True)
         theta = state.params.detach().requires_grad_(True)

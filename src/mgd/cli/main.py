@@ -56,7 +56,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"mgd {args.command} does not run data-parallel; launch it without torchrun "
                 f"(data-parallel commands: {', '.join(DATA_PARALLEL)})"
             )
-        return int(args.run(args) or 0)
+        code = int(args.run(args) or 0)
+        _finish_together()
+        return code
     except UserError as exc:
         print(f"mgd {args.command}: error: {exc}", file=sys.stderr)
         return 2
@@ -71,6 +73,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     finally:
         _leave_process_group()
+
+
+def _finish_together() -> None:
+    """Under torchrun, wait until every rank is done before tearing the group down.
+
+    A rank that exits while another still uses the connection can make gloo abort the
+    other process at exit ("terminate called without an active exception").
+    """
+    if launched_by_torchrun():
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            try:
+                dist.barrier()
+            except Exception as error:  # a rank died after finishing its work
+                raise DistributedError(f"ranks could not finish together ({str(error).splitlines()[0]})") from None
 
 
 def _leave_process_group() -> None:
