@@ -15,4 +15,5 @@ test: install
 	$(PYTHON) -m pytest -q
 
 bench: install
-	$(PYTHON) benchmarks/bench_grad.py
+	$(PYTHON) -m pip install -q -e ".[bench]"   # the peers: higher, TorchOpt
+	$(PYTHON) benchmarks/bench_grad.py --markdown --out bench-results.json

@@ -17,6 +17,8 @@ metagradients from the baseline (float32; the tests check 1e-10 in float64).
 Usage::
 
     python benchmarks/bench_distributed.py --steps 1000 --world 2 --repeats 3
+    python benchmarks/bench_distributed.py --steps 100 --repeats 1 \
+        --problem "--dataset mnist1d --width 1000 --batch-size 1000 --meta lr,data_weights --quiet"
 
 Nothing else should run meanwhile.
 """
@@ -37,9 +39,9 @@ import numpy as np
 PROBLEM = ["--dataset", "digits", "--meta", "lr,data_weights", "--quiet"]
 
 
-def run_grad(steps: int, processes: int, threads: int, out: Path) -> dict:
+def run_grad(steps: int, processes: int, threads: int, out: Path, problem: list[str]) -> dict:
     """One ``mgd grad`` run; returns its result.json and metagradients."""
-    flags = [*PROBLEM, "--steps", str(steps), "--threads", str(threads), "--out", str(out)]
+    flags = [*problem, "--steps", str(steps), "--threads", str(threads), "--out", str(out)]
     if processes == 1:
         argv = [sys.executable, "-m", "mgd", "grad", *flags]
     else:
@@ -64,8 +66,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--world", type=int, default=2, help="processes (and threads) to compare")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--problem", default=" ".join(PROBLEM),
+                        help="mgd grad flags of the problem (default: %(default)r)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args()
+    problem = args.problem.split()
     configs = [("1 process x 1 thread", 1, 1), (f"1 process x {args.world} threads", 1, args.world),
                (f"{args.world} processes x 1 thread", args.world, 1)]
     seconds: dict[str, list[float]] = {label: [] for label, _, _ in configs}
@@ -73,7 +78,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(args.repeats):
             for label, processes, threads in configs:
-                result = run_grad(args.steps, processes, threads, Path(tmp) / f"{repeat}-{processes}-{threads}")
+                result = run_grad(args.steps, processes, threads, Path(tmp) / f"{repeat}-{processes}-{threads}", problem)
                 seconds[label].append(result["timing"]["total_s"])
                 grads[label] = result["grads"]
                 print(f"[{repeat + 1}/{args.repeats}] {label}: {seconds[label][-1]:.2f} s", file=sys.stderr)
@@ -84,13 +89,14 @@ def main() -> None:
         median = statistics.median(seconds[label])
         rows.append({"config": label, "seconds": median, "speedup": base / median,
                      "rel_diff_vs_one_process": relative_difference(grads[label], grads[base_label])})
-    print(f"T={args.steps}, median of {args.repeats}, float32")
+    print(f"{args.problem} --steps {args.steps}: median of {args.repeats}, float32")
     print("| configuration | metagradient s | speed-up | max rel. diff. vs 1 process |")
     print("|---|---|---|---|")
     for row in rows:
         print(f"| {row['config']} | {row['seconds']:.2f} | {row['speedup']:.2f}x | {row['rel_diff_vs_one_process']:.1e} |")
     if args.out:
-        args.out.write_text(json.dumps({"steps": args.steps, "repeats": args.repeats, "rows": rows}, indent=2) + "\n")
+        summary = {"problem": args.problem, "steps": args.steps, "repeats": args.repeats, "rows": rows}
+        args.out.write_text(json.dumps(summary, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -108,11 +108,48 @@ def test_a_killed_rank_stops_the_other_with_a_clear_error(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_commands_that_are_not_data_parallel_refuse_torchrun(tmp_path, monkeypatch):
+def test_commands_that_are_not_data_parallel_refuse_torchrun(tmp_path, monkeypatch, capsys):
     from mgd.cli.main import main
 
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert main(["optimize", "--steps", "5", "--out", str(tmp_path / "o")]) == 2
+    assert main(["select", "--out", str(tmp_path / "o")]) == 2
+    assert "does not run data-parallel" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_optimize_under_torchrun_matches_one_process(tmp_path):
+    """MGD itself data-parallel: same iterates, same retrained evaluation, one run directory."""
+    flags = ["optimize", "--dataset", "digits", "--steps", "20", "--dtype", "float64", "--label-noise", "0.3",
+             "--meta-steps", "2", "--crafting-seeds", "0,1", "--eval-seeds", "100,101,102", "--quiet",
+             "--dist-timeout", "60"]
+    single = subprocess.run([sys.executable, "-m", "mgd", *flags, "--out", str(tmp_path / "one")],
+                            capture_output=True, text=True)
+    assert single.returncode == 0, single.stderr
+    two = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "mgd", *flags, "--out", str(tmp_path / "two")],
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    one_result = json.loads((tmp_path / "one" / "result.json").read_text())
+    two_result = json.loads((tmp_path / "two" / "result.json").read_text())
+    assert two_result["config"]["distributed"] == {"world_size": 2, "backend": "gloo"}
+    assert two_result["best_step"] == one_result["best_step"]
+    np.testing.assert_allclose(two_result["val_objective_by_step"], one_result["val_objective_by_step"], rtol=1e-10)
+    with np.load(tmp_path / "one" / "meta.npz") as a, np.load(tmp_path / "two" / "meta.npz") as b:
+        for name in a.files:
+            err = np.linalg.norm(a[name] - b[name]) / np.linalg.norm(a[name])
+            assert err <= 1e-10, (name, err)
+    # the final retraining was spread over the ranks and gives the same numbers
+    seeds = [r["seed"] for r in two_result["evaluation"]["per_seed"]["best"]]
+    assert seeds == [100, 101, 102]
+    start_one = [r["test_accuracy"] for r in one_result["evaluation"]["per_seed"]["start"]]
+    start_two = [r["test_accuracy"] for r in two_result["evaluation"]["per_seed"]["start"]]
+    assert start_one == start_two
+    # a resume with another world size is refused, naming what differs
+    resumed = subprocess.run([sys.executable, "-m", "mgd", *flags, "--resume", str(tmp_path / "two")],
+                             capture_output=True, text=True)
+    assert resumed.returncode == 2 and "distributed" in resumed.stderr, resumed.stderr
 
 
 def test_sharding_is_a_partition_of_every_batch(digits):

@@ -280,6 +280,39 @@ def test_mixed_mode_falls_back_once_and_stays_exact(digits):
         assert relative_error(result.grads[name], expected[name]) <= 1e-8, name
 
 
+class _SquareWithoutJVP(torch.autograd.Function):
+    """x² with a backward (twice differentiable) but no forward-mode formula."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return 2 * x * grad
+
+
+class _NoJVP(nn.Module):
+    def forward(self, x):
+        return _SquareWithoutJVP.apply(x)
+
+
+def test_mixed_mode_falls_back_for_operations_without_forward_mode(digits):
+    from mgd import step_vjp
+
+    step_vjp._WARNED.clear()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 12), _NoJVP(), nn.Linear(12, 10))
+    trainer, objective = tiny_problem(digits, mgd.SGD(momentum=0.9), steps=7, lr=0.01, model=model)
+    _, expected = full_unroll_metagradient(trainer, objective)
+    with pytest.warns(step_vjp.MixedModeFallback, match="no forward-mode derivative"):
+        result = mgd.metagradient(trainer, objective, k=3, vjp="mixed")
+    for name in META:
+        assert relative_error(result.grads[name], expected[name]) <= 1e-8, name
+
+
 def test_mixed_mode_on_a_cnn_matches_the_full_unroll(digits):
     torch.manual_seed(0)
     model = cnn((1, 8, 8), 10, width=4)

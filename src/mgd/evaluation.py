@@ -21,6 +21,7 @@ import numpy as np
 from torch import Tensor
 
 from mgd.config import Problem, RunConfig, build_problem
+from mgd.distributed import SINGLE_PROCESS, Collective
 from mgd.data import Dataset
 
 __all__ = ["mean_ci", "retrain_and_evaluate", "summarize", "parallel_map"]
@@ -95,12 +96,20 @@ def retrain_and_evaluate(
     seeds: Sequence[int],
     *,
     workers: int = 1,
+    collective: Collective = SINGLE_PROCESS,
 ) -> list[dict[str, float]]:
     """Train from scratch with each seed and metaparameters ``meta``; metrics per seed.
 
-    ``workers > 1`` trains the seeds in that many processes (:func:`parallel_map`).
+    ``workers > 1`` trains the seeds in that many processes (:func:`parallel_map`). Under
+    ``torchrun`` (``collective``), rank ``r`` trains seeds ``r, r + W, ...`` on its own and
+    every rank gets all results, in seed order.
     """
-    return parallel_map(_retrain_once, [(config, dataset, meta, seed) for seed in seeds], workers=workers)
+    mine = list(seeds)[collective.rank :: collective.world_size]
+    results = parallel_map(_retrain_once, [(config, dataset, meta, seed) for seed in mine], workers=workers)
+    if collective.world_size == 1:
+        return results
+    by_seed = {r["seed"]: r for part in collective.all_gather_object(results) for r in part}
+    return [by_seed[seed] for seed in seeds]
 
 
 def summarize(per_seed: Sequence[Mapping[str, float]], keys: Sequence[str]) -> dict[str, dict]:

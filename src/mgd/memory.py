@@ -22,7 +22,9 @@ from torch import Tensor
 
 from mgd.errors import UserError
 
-__all__ = ["parse_memory_size", "available_memory_bytes", "default_memory_budget", "step_graph_bytes", "format_bytes"]
+__all__ = [
+    "parse_memory_size", "available_memory_bytes", "default_memory_budget", "step_graph_bytes", "format_bytes",
+]
 
 _UNITS = {"": 1, "B": 1, "K": 2**10, "KB": 2**10, "M": 2**20, "MB": 2**20, "G": 2**30, "GB": 2**30, "T": 2**40, "TB": 2**40}
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*$")

@@ -46,7 +46,7 @@ import functools
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterator, Mapping, Protocol, Sequence, Union
+from typing import Callable, Iterator, Mapping, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -260,10 +260,6 @@ class ReplayPlan:
         """
         held = max(c * state_bytes + g * graph_bytes for c, g in self.frontier)
         return held + 2 * state_bytes
-
-    def memory_bytes(self, state_bytes: int, graph_bytes: int = 0) -> int:
-        """Alias of :meth:`peak_bytes`."""
-        return self.peak_bytes(state_bytes, graph_bytes)
 
     @classmethod
     def choose(

@@ -11,26 +11,27 @@ and then the optimizer update ``(θ', o') = U(g, θ, o; η_t, λ)``. Given ``ā_
     \bar o = (\partial U/\partial o)^\top \bar a_{t+1},\qquad
     \bar w_i = \tfrac1B\,\nabla\ell_i(\theta)\cdot\bar g,
 
-plus ``η̄_t, λ̄`` from ``U`` (and from there the metaparameters that set them). Two ways:
+plus ``η̄_t, λ̄`` from ``U`` (and from there the metaparameters that set them). Every path
+first takes the update's VJP on its own, given ``g``: in closed form
+(``Optimizer.update_vjp``, checked against autograd), since ``U`` is a handful of elementwise
+operations. They differ in how ``H_t ḡ`` and the per-example terms are obtained:
 
-* :func:`double_backward_vjp` (``method.md`` §3.1): re-run the step with ``create_graph=True``
-  and call ``torch.autograd.grad`` on its outputs: reverse-over-reverse. General (any module,
-  BatchNorm buffers, metaparameters that change the inputs), and on small CPU models the
-  fastest; the REPLAY engine can even keep the graph its replay built (``vjp="fused"``).
-* :func:`mixed_mode_vjp` (MixFlow-MG, Kemaev et al. 2025): the update ``U`` is a handful of
-  elementwise operations, so its VJP comes from autograd on ``U`` alone, given ``g``; the
-  Hessian-vector product ``H_t ḡ`` and *all* per-example terms ``∇ℓ_i·ḡ`` then come from one
-  forward-over-reverse pass: the gradient computation is run on dual numbers
-  ``θ + ε ḡ`` (:mod:`torch.autograd.forward_ad`), whose tangent output is ``H_t ḡ`` and whose
-  per-example losses carry ``∇ℓ_i·ḡ``. No second-order graph is stored, so its memory is that
-  of one gradient computation. ``g`` itself is handed over by the replay that produced
+* :func:`pull_back` on a :class:`GradGraph` (``method.md`` §3.1): the gradient computation
+  recorded with ``create_graph=True``, walked backwards once with ``ḡ``: reverse-over-reverse.
+  General (any module, BatchNorm buffers, metaparameters that change the inputs) and, on
+  small CPU models, the fastest. :func:`double_backward_vjp` records it at the VJP; the
+  REPLAY engine's default (``vjp="fused"``) keeps the one its leaf replay recorded.
+* :func:`mixed_mode_vjp` (MixFlow-MG, Kemaev et al. 2025): one forward-over-reverse pass, the
+  gradient computation run on dual numbers ``θ + ε ḡ`` (:mod:`torch.autograd.forward_ad`),
+  whose tangent output is ``H_t ḡ`` and whose per-example losses carry ``∇ℓ_i·ḡ``. No
+  second-order graph is stored. ``g`` itself is handed over by the replay that produced
   ``s_{t+1}`` when it can be.
 
 Forward mode does not cover everything: BatchNorm running statistics (their adjoint needs a
 reverse pass through the batch statistics), metaparameters that change the minibatch's inputs
-or labels (poisons, input shifts) and operators without forward-mode formulas.
-:func:`mixed_mode_vjp` then falls back to :func:`double_backward_vjp` and says so once per
-reason. Both are exact; the tests compare them in float64.
+(poisons, input shifts) and operators without forward-mode formulas. :func:`mixed_mode_vjp`
+then falls back to reverse-over-reverse and says so once per reason (a
+:class:`MixedModeFallback` warning). All paths are exact; the tests compare them in float64.
 
 References:
     Kemaev et al., *Scalable Meta-Learning via Mixed-Mode Differentiation* (MixFlow-MG),
@@ -40,6 +41,7 @@ References:
 from __future__ import annotations
 
 import warnings
+import weakref
 from dataclasses import dataclass, replace
 from typing import Mapping, Protocol, Sequence
 
@@ -277,11 +279,15 @@ def _fall_back(reason: str) -> None:
         )
 
 
+#: Models that turned out to lack a forward-mode formula, with the reason.
+_NO_FORWARD_MODE: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = weakref.WeakKeyDictionary()
+
+
 def forward_mode_blocker(trainer: Trainer) -> str | None:
     """Why :func:`mixed_mode_vjp` cannot handle this run at all, or ``None``."""
     if trainer.has_buffers:
         return "the model has BatchNorm running statistics"
-    return None
+    return _NO_FORWARD_MODE.get(trainer.model)
 
 
 def mixed_mode_vjp(
@@ -329,12 +335,21 @@ def mixed_mode_vjp(
     )
 
     # 2. Forward-over-reverse: the gradient computation on θ + ε ḡ.
-    with fwAD.dual_level(), torch.enable_grad():
-        p = params.detach().requires_grad_(True)
-        losses, _ = trainer.example_losses(fwAD.make_dual(p, g_bar), buffers, constant, t)
-        (dual_grad,) = torch.autograd.grad(trainer.weighted_mean(losses, constant), p, create_graph=True)
-        hvp = fwAD.unpack_dual(dual_grad).tangent
-        loss_tangents = fwAD.unpack_dual(losses).tangent  # ∇ℓ_i · ḡ
+    try:
+        with fwAD.dual_level(), torch.enable_grad():
+            p = params.detach().requires_grad_(True)
+            losses, _ = trainer.example_losses(fwAD.make_dual(p, g_bar), buffers, constant, t)
+            (dual_grad,) = torch.autograd.grad(trainer.weighted_mean(losses, constant), p, create_graph=True)
+            hvp = fwAD.unpack_dual(dual_grad).tangent
+            loss_tangents = fwAD.unpack_dual(losses).tangent  # ∇ℓ_i · ḡ
+    except (NotImplementedError, RuntimeError) as error:
+        text = str(error)
+        if "forward" not in text.lower() and "jvp" not in text.lower():
+            raise  # not a missing forward-mode formula: a real error
+        reason = f"an operation has no forward-mode derivative: {text.strip().splitlines()[0]}"
+        _NO_FORWARD_MODE[trainer.model] = reason
+        _fall_back(reason)
+        return pull_back(trainer, state, grad_graph(trainer, state, local, wrt), wrt, adjoint, split=split)
     if hvp is not None:
         theta_bar = theta_bar + trainer.sum_over_ranks(hvp.detach())
 

@@ -18,7 +18,7 @@ from mgd.errors import ReplayDivergedError, UserError
 
 SUBCOMMANDS = (train, grad, optimize, select, poison, schedule, smoothness, estimate)
 #: Commands that run under ``torchrun`` (every rank computes, rank 0 writes).
-DATA_PARALLEL = ("train", "grad")
+DATA_PARALLEL = ("train", "grad", "optimize")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -8,10 +8,12 @@ import torch
 
 from mgd import __version__
 from mgd.cli.common import (
+    add_distributed_flags,
     add_eval_workers_flag,
     add_run_dir_flags,
     add_replay_k_flag,
     add_run_flags,
+    collective_from_args,
     config_from_args,
     configure_torch,
     meta_files,
@@ -75,7 +77,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_replay_k_flag(o)
     add_run_dir_flags(parser, "runs/optimize", resume_help="continue the run in DIR after a crash")
     add_eval_workers_flag(parser)
+    add_distributed_flags(parser)
     parser.set_defaults(run=run)
+
+
+def _open_on_rank_zero(collective, args: argparse.Namespace, run_config: dict) -> RunDirectory | None:
+    """Rank 0 creates or resumes the run directory; every rank stops if that failed."""
+    run_dir, problem = None, None
+    if collective.is_main:
+        try:
+            run_dir = RunDirectory.open(args.out, args.resume, command="optimize", config=run_config)
+        except UserError as error:
+            problem = str(error)
+    problems = [p for p in collective.all_gather_object(problem) if p is not None]
+    if problems:
+        raise UserError(problems[0])
+    return run_dir
 
 
 def _options(args: argparse.Namespace, names: list[str]) -> dict:
@@ -128,8 +145,10 @@ def run(args: argparse.Namespace) -> int:
     configure_torch(args)
     config = config_from_args(args)
     options = _options(args, names)
-    run_config = {"run": config.to_dict(), "mgd": options}
-    run_dir = RunDirectory.open(args.out, args.resume, command="optimize", config=run_config)
+    collective = collective_from_args(args)
+    # The world size and backend are part of what defines the run: a resume must match them.
+    run_config = {"run": config.to_dict(), "mgd": options, "distributed": collective.describe()}
+    run_dir = _open_on_rank_zero(collective, args, run_config)
 
     dataset = load_dataset(config.dataset)
     base = build_problem(config, dataset=dataset)
@@ -149,7 +168,9 @@ def run(args: argparse.Namespace) -> int:
     )
 
     def make_trainer(seed: int):
-        problem = build_problem(type(config)(**{**config.to_dict(), "seed": seed}), dataset=dataset)
+        problem = build_problem(
+            type(config)(**{**config.to_dict(), "seed": seed}), dataset=dataset, collective=collective
+        )
         return problem.trainer, problem.val_objective()
 
     def make_full(z):
@@ -165,14 +186,16 @@ def run(args: argparse.Namespace) -> int:
         }
 
     state = None
-    saved = run_dir.load_state()
+    # Rank 0 reads the saved state and hands it to the others (they never touch the directory).
+    saved = collective.all_gather_object(run_dir.load_state() if run_dir is not None else None)[0]
     if saved is not None:
         state = state_from_arrays(*saved, like=z0)
-        run_dir.truncate_history(state.step)
-    elif args.resume:
-        run_dir.truncate_history(0)
+    if run_dir is not None and (saved is not None or args.resume):
+        run_dir.truncate_history(state.step if state is not None else 0)
 
     def on_step(record, new_state) -> None:
+        if run_dir is None:
+            return
         run_dir.write_npz(
             f"iterates/{record.step:05d}.npz", {n: v.cpu().numpy() for n, v in record.iterate.items()}
         )
@@ -180,7 +203,7 @@ def run(args: argparse.Namespace) -> int:
         run_dir.save_state(*state_to_arrays(new_state))
 
     total = options["meta_steps"] + 1
-    with progress_bars({"meta": total}, enabled=not args.quiet) as progress:
+    with progress_bars({"meta": total}, enabled=not args.quiet and collective.is_main) as progress:
         if progress is not None and state is not None:
             progress("meta", state.step)
         state = descend(
@@ -200,9 +223,11 @@ def run(args: argparse.Namespace) -> int:
         )
 
     # Final evaluation: retrain the start and the chosen iterate on fresh seeds; test read here.
-    workers = args.eval_workers
-    start_eval = retrain_and_evaluate(config, dataset, make_full(z0), options["eval_seeds"], workers=workers)
-    best_eval = retrain_and_evaluate(config, dataset, make_full(state.best_z), options["eval_seeds"], workers=workers)
+    spread = {"workers": args.eval_workers, "collective": collective}
+    start_eval = retrain_and_evaluate(config, dataset, make_full(z0), options["eval_seeds"], **spread)
+    best_eval = retrain_and_evaluate(config, dataset, make_full(state.best_z), options["eval_seeds"], **spread)
+    if run_dir is None:
+        return 0
     history = run_dir.history()
     result = {
         "best_step": state.best_step,
