@@ -9,10 +9,11 @@ Training is ``s_{t+1} = h_t(s_t, z)`` for ``t = 0 .. T-1`` (``method.md`` §1). 
 * the minibatch of step ``t`` is a pure function of ``(seed, t)`` (:meth:`Trainer.batch_indices`),
   so a replayed step reproduces the original bit for bit.
 
-The model is any ``nn.Module`` whose only buffers are BatchNorm running statistics, run
-through ``torch.func.functional_call`` on views of the flat parameter vector. Keeping the parameters (and every optimizer moment) as one
-flat tensor makes the optimizer a handful of vector operations and a checkpoint a few
-``clone`` calls.
+The model is any ``nn.Module`` whose only buffers are BatchNorm running statistics, run on
+views of the flat parameter vector (a private stateless copy of the module, or
+``torch.func.functional_call`` for BatchNorm models). Keeping the parameters (and every
+optimizer moment) as one flat tensor makes the optimizer a handful of vector operations and
+a checkpoint a few ``clone`` calls.
 
 NOTE [buffers]: BatchNorm in train mode normalises with batch statistics and updates its
 running statistics in place, outside autograd. The running statistics are what an eval-mode
