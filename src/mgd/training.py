@@ -147,6 +147,10 @@ class _StatelessModule:
     submodules' ``__dict__`` (where ordinary attribute lookup finds them first), then runs
     the copy in train mode. Tied parameters get the same view. The user's module is never
     touched. The arithmetic is that of ``functional_call`` (the tests compare them bit for bit).
+
+    The copy is made at the first training step: forward hooks registered on the model after
+    that do not run during training. Evaluation (objectives, :meth:`Trainer.predict`) runs the
+    user's module itself, hooks included.
     """
 
     def __init__(self, model: nn.Module, names: tuple[str, ...]) -> None:
@@ -179,7 +183,9 @@ class Trainer:
     Args:
         model: an ``nn.Module`` whose only buffers are BatchNorm running statistics; its
             current parameters and buffers are the initial ones. Training runs it in train
-            mode; objectives built with :func:`cross_entropy_objective` run it in eval mode.
+            mode (a buffer-free model through a private copy made at the first step, so
+            hooks added later do not run in training); objectives built with
+            :func:`cross_entropy_objective` run it in eval mode.
         optimizer: an :mod:`mgd.optim` optimizer.
         x_train, y_train: the training set (features, integer labels), on the training device.
         steps: number of optimizer steps ``T``.
