@@ -92,3 +92,36 @@ def test_parse_memory_size(text, expected):
 def test_bad_memory_size_is_a_user_error(text):
     with pytest.raises(UserError, match="memory size"):
         parse_memory_size(text)
+
+
+@pytest.mark.parametrize("T", [2, 5, 13, 40, 257, 3000])
+@pytest.mark.parametrize("graph_over_state", [0.0, 0.5, 1.3, 4.0])
+def test_tapered_root_partitions_the_run_and_levels_the_peak(T, graph_over_state):
+    from mgd.replay import VJP, schedule, tapered_root
+
+    S, G = 1000, int(1000 * graph_over_state)
+    root = tapered_root(T, S, G)
+    lengths = [b - a for a, b in zip(root, root[1:])]
+    assert root[0] == 0 and root[-1] == T and min(lengths) >= 1
+    assert lengths == sorted(lengths, reverse=True)  # shorter towards the end
+    vjps = [op.step for op in schedule(T, 2, root) if isinstance(op, VJP)]
+    assert vjps == list(range(T - 1, -1, -1))
+    tapered = ReplayPlan.build(T, fused=G > 0, root=root)
+    assert tapered.replayed_steps == T - len(lengths)  # one replay, nothing replayed twice
+    if T >= 40:  # below the equal-segment two-level tree with the same single replay
+        uniform = min(ReplayPlan.build(T, k, fused=G > 0).peak_bytes(S, G) for k in range(default_k(T), T, 7))
+        assert tapered.peak_bytes(S, G) < uniform
+
+
+def test_tapered_plans_are_exact_and_kept_to(digits):
+    T = 37
+    trainer, objective = tiny_problem(digits, mgd.Adam(), steps=T, lr=0.01)
+    reference = mgd.metagradient(trainer, objective, mode="unrolled")
+    trace = ReplayTrace()
+    lean = mgd.metagradient(trainer, objective, trace=trace)
+    assert lean.plan.root is not None and lean.plan.depth == 2
+    for name in reference.grads:
+        assert torch.equal(lean.grads[name], reference.grads[name]), name
+    kept = set(zip(trace.live_checkpoints, trace.live_graphs))
+    for c, g in kept:
+        assert any(fc >= c and fg >= g for fc, fg in lean.plan.frontier), (c, g)

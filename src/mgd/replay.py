@@ -147,34 +147,70 @@ def _split(a: int, b: int, k: int) -> list[int]:
     return bounds
 
 
-def schedule(steps: int, k: int) -> Iterator[Op]:
+def tapered_root(steps: int, state_bytes: int, graph_bytes: int = 0) -> tuple[int, ...]:
+    """Root boundaries of a two-level tree whose segments shrink towards the end of training.
+
+    The reverse pass visits the root's segments last to first, freeing each segment's start
+    when done: while segment ``i`` (0-based, in training order) is replayed, ``i + 1`` root
+    checkpoints are alive next to its ``L_i`` states and kept graphs. Lengths
+    ``L_i = L_last + (m-1-i)·S/(S+G)`` make that peak the same for every segment,
+    ``m·S + L_last·(S+G)``, and the best ``m ≈ √(2T(S+G)/S)`` gives about
+    ``√(2·T·S·(S+G))``: ``1/√2`` of the equal-segment tree's ``2√(T·S·(S+G))``, for the same
+    single replay. (Equal segments are what the ``k``-ary rule gives.)
+    """
+    ratio = state_bytes / max(state_bytes + graph_bytes, 1)  # shorter by this per segment
+    m = max(2, min(steps, int(math.sqrt(2 * steps / ratio))))
+    while m > 2 and steps / m - ratio * (m - 1) / 2 < 1:  # the last segment needs a step
+        m -= 1
+    last = steps / m - ratio * (m - 1) / 2
+    lengths = [last + ratio * (m - 1 - i) for i in range(m)]
+    whole = [max(1, int(x)) for x in lengths]
+    # Largest remainders get the missing steps, so the lengths add up to T exactly.
+    for i in sorted(range(m), key=lambda i: whole[i] - lengths[i])[: steps - sum(whole)]:
+        whole[i] += 1
+    while sum(whole) > steps:  # the max(1, ...) floor overshot: trim the longest
+        whole[whole.index(max(whole))] -= 1
+    bounds = [0]
+    for length in whole:
+        bounds.append(bounds[-1] + length)
+    return tuple(bounds)
+
+
+def schedule(steps: int, k: int, root: Sequence[int] | None = None) -> Iterator[Op]:
     """The REPLAY traversal as a sequence of operations (no tensors involved).
 
     For ``T = 8, k = 2`` it is: ``Forward(8, store=(4,))``; ``Replay(4, 6, (6,))``;
     ``Replay(6, 7, (7,))``; VJP 7; VJP 6; ... ; VJP 0, i.e. VJPs in order ``T-1 .. 0``.
+
+    ``root``: explicit root boundaries ``0 = c_0 < ... < c_m = T`` (e.g. :func:`tapered_root`);
+    each root segment is then a leaf, replayed once with all of its states stored.
     """
     if steps < 1:
         raise UserError(f"steps must be >= 1, got {steps}")
     if k < 2:
         raise UserError(f"the replay tree's branching factor k must be >= 2, got {k}")
+    if root is not None and (root[0] != 0 or root[-1] != steps or any(b <= a for a, b in zip(root, root[1:]))):
+        raise UserError(f"root boundaries must rise strictly from 0 to {steps}")
+    leaf_below_root = root is not None
 
-    def visit(a: int, b: int) -> Iterator[Op]:
+    def visit(a: int, b: int, width: int = k) -> Iterator[Op]:
         if b - a == 1:
             yield VJP(a)
             return
-        bounds = _split(a, b, k)
+        bounds = _split(a, b, width)
         yield Replay(a, bounds[-2], tuple(bounds[1:-1]), leaf=len(bounds) - 1 == b - a)
         yield from children(bounds)
 
-    def children(bounds: list[int]) -> Iterator[Op]:
+    def children(bounds: list[int], width: int = k) -> Iterator[Op]:
         for j in reversed(range(len(bounds) - 1)):
-            yield from visit(bounds[j], bounds[j + 1])
+            yield from visit(bounds[j], bounds[j + 1], width)
             if j > 0:
                 yield Free(bounds[j])
 
-    root = _split(0, steps, k)
-    yield Forward(steps, tuple(root[1:-1]))
-    yield from children(root)
+    bounds = list(root) if leaf_below_root else _split(0, steps, k)
+    yield Forward(steps, tuple(bounds[1:-1]))
+    # With explicit root segments, every segment is a leaf: one replay storing all its states.
+    yield from children(bounds, steps if leaf_below_root else k)
     yield Free(0)
 
 
@@ -191,6 +227,8 @@ class ReplayPlan:
         replayed_steps: steps re-run during the reverse pass.
         extra_passes: ``replayed_steps / T``.
         fused: leaf replays keep each step's graph for its VJP (``vjp="fused"``).
+        root: explicit root boundaries (a tapered two-level tree, :func:`tapered_root`), or
+            ``None`` for the ``k``-ary rule; ``k`` is then the number of root segments.
         max_live_graphs: peak number of kept step graphs (0 unless ``fused``).
         frontier: the Pareto-maximal ``(checkpoints, graphs)`` pairs alive at once, from which
             :meth:`peak_bytes` takes the peak for any state and graph size.
@@ -206,19 +244,24 @@ class ReplayPlan:
     fused: bool = False
     max_live_graphs: int = 0
     frontier: tuple[tuple[int, int], ...] = ((1, 0),)
+    root: tuple[int, ...] | None = None
 
     @classmethod
-    def build(cls, steps: int, k: int | None = None, *, fused: bool = False) -> "ReplayPlan":
+    def build(
+        cls, steps: int, k: int | None = None, *, fused: bool = False, root: tuple[int, ...] | None = None
+    ) -> "ReplayPlan":
+        if root is not None:
+            return cls._build(steps, max(2, len(root) - 1), fused, tuple(root))
         k = default_k(steps) if k is None else int(k)
-        return cls._build(steps, min(k, max(steps, 2)), fused and k < steps)
+        return cls._build(steps, min(k, max(steps, 2)), fused and k < steps, None)
 
     @classmethod
     @functools.lru_cache(maxsize=64)
-    def _build(cls, steps: int, k: int, fused: bool) -> "ReplayPlan":
+    def _build(cls, steps: int, k: int, fused: bool, root: tuple[int, ...] | None) -> "ReplayPlan":
         live, graphs, replayed = 0, 0, 0
         with_graph: set[int] = set()
         pairs: set[tuple[int, int]] = set()
-        for op in schedule(steps, k):
+        for op in schedule(steps, k, root):
             if isinstance(op, Forward):
                 live = 1 + len(op.store)
             elif isinstance(op, Replay):
@@ -244,12 +287,12 @@ class ReplayPlan:
                 frontier.append((c, g))
                 most_graphs = g
         frontier = tuple(sorted(frontier))
-        depth = 0
-        while k**depth < steps:
+        depth = 0 if steps == 1 else 2 if root is not None else 0
+        while root is None and k**depth < steps:
             depth += 1
         return cls(
             steps, k, depth, max(c for c, _ in pairs), steps, replayed, replayed / steps,
-            fused, max(g for _, g in pairs), frontier,
+            fused, max(g for _, g in pairs), frontier, root,
         )
 
     def peak_bytes(self, state_bytes: int, graph_bytes: int = 0) -> int:
@@ -292,6 +335,8 @@ class ReplayPlan:
         best = math.sqrt(steps * (state_bytes + (graph_bytes if fused else 0)) / max(state_bytes, 1))
         grid = sorted({min(steps - 1, max(root, int(round(best * f)))) for f in (0.8, 0.9, 1.0, 1.12, 1.25)})
         two_level = [cls.build(steps, k, fused=fused) for k in grid]
+        tapered = tapered_root(steps, state_bytes, graph_bytes if fused else 0)
+        two_level.append(cls.build(steps, fused=fused, root=tapered))
         lean = min(two_level, key=lambda plan: (plan.peak_bytes(state_bytes, graph_bytes), -plan.k))
         if budget is None:
             if cap is None or lean.peak_bytes(state_bytes, graph_bytes) <= cap:
@@ -320,6 +365,9 @@ class ReplayPlan:
     def to_dict(self) -> dict:
         data = asdict(self)
         data["frontier"] = [list(pair) for pair in self.frontier]
+        data["tapered"] = self.root is not None
+        if self.root is not None:  # the segment lengths, first and last, not every boundary
+            data["root"] = {"segments": len(self.root) - 1, "first": self.root[1], "last": self.root[-1] - self.root[-2]}
         return data
 
 
@@ -523,7 +571,7 @@ def metagradient(
 
     # ---- forward pass: s_0 -> s_T, storing the root's children
     started = time.perf_counter()
-    ops = schedule(T, plan.k)
+    ops = schedule(T, plan.k, plan.root)
     first = next(ops)
     assert isinstance(first, Forward), "schedule must start with the forward pass (please report)"
     forward_fp[0] = _fingerprint(s0)
