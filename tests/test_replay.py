@@ -470,6 +470,13 @@ def test_training_forward_equals_functional_call_and_leaves_the_model_alone(digi
     fast, _ = trainer._train_forward(params, trainer.flat_buffers(), x, 0)
     # on a copy: torch 2.13's functional_call leaves a module that appears twice as plain tensors
     reference = torch.func.functional_call(copy.deepcopy(model), trainer.unflatten(params), (x,))
+    # objectives run in eval mode without that damage, and compute what the module computes
+    objective = mgd.cross_entropy_objective(model, trainer.x_train[:9], trainer.y_train[:9])
+    with torch.no_grad():
+        value = float(objective(trainer.named_tensors(trainer.flat_params(), trainer.flat_buffers())))
+        expected = float(nn.functional.cross_entropy(model(trainer.x_train[:9]), trainer.y_train[:9]))
+    assert value == pytest.approx(expected, rel=1e-12)
+    assert all(isinstance(p, nn.Parameter) for p in model.parameters())
     assert torch.equal(fast, reference)
     (g_fast,) = torch.autograd.grad(fast.square().sum(), params)
     (g_ref,) = torch.autograd.grad(reference.square().sum(), params)

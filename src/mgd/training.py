@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import math
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Mapping
@@ -112,6 +113,9 @@ def eval_forward(model: nn.Module, named: Mapping[str, Tensor], x: Tensor) -> Te
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None
     ]
     if not norms:
+        if _has_shared_submodules(model):
+            # torch 2.13's functional_call leaves such a module holding plain tensors.
+            return _eval_copy(model).call_named(named, x)
         with _mode(model, False):
             return functional_call(model, dict(named), (x,))
     detached = dict(named)
@@ -153,8 +157,9 @@ class _StatelessModule:
     user's module itself, hooks included.
     """
 
-    def __init__(self, model: nn.Module, names: tuple[str, ...]) -> None:
-        self.module = copy.deepcopy(model).train(True)
+    def __init__(self, model: nn.Module, names: tuple[str, ...], train: bool = True) -> None:
+        self.module = copy.deepcopy(model).train(train)
+        self.names = names
         index = {name: i for i, name in enumerate(names)}
         canonical = {id(p): index[name] for name, p in model.named_parameters()}
         originals = dict(model.named_parameters(remove_duplicate=False))
@@ -174,6 +179,32 @@ class _StatelessModule:
         finally:
             for owner, attr, _ in self.slots:  # hold no reference to the caller's tensors
                 owner.__dict__.pop(attr, None)
+
+    def call_named(self, named: Mapping[str, Tensor], x: Tensor) -> Tensor:
+        """Run at parameters given by name, as ``functional_call`` takes them."""
+        for owner, attr, i in self.slots:
+            owner.__dict__[attr] = named[self.names[i]]
+        try:
+            return self.module(x)
+        finally:
+            for owner, attr, _ in self.slots:
+                owner.__dict__.pop(attr, None)
+
+
+def _has_shared_submodules(model: nn.Module) -> bool:
+    """Whether one submodule object appears under two names (``nn.Sequential(a, b, a)``)."""
+    every = [id(m) for _, m in model.named_modules(remove_duplicate=False)]
+    return len(every) != len(set(every))
+
+
+#: Eval-mode stateless copies of models with shared submodules, made on first use.
+_EVAL_COPIES: "weakref.WeakKeyDictionary[nn.Module, _StatelessModule]" = weakref.WeakKeyDictionary()
+
+
+def _eval_copy(model: nn.Module) -> "_StatelessModule":
+    if model not in _EVAL_COPIES:
+        _EVAL_COPIES[model] = _StatelessModule(model, tuple(n for n, _ in model.named_parameters()), train=False)
+    return _EVAL_COPIES[model]
 
 
 @dataclass
