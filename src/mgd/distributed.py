@@ -57,6 +57,12 @@ class DistributedError(RuntimeError):
     """A collective failed: another rank died, hung past the timeout, or disagreed."""
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an error's text (backends raise pages), or its type when empty."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 @dataclass(frozen=True)
 class Collective:
     """One process: sums over ranks are the identity.
@@ -97,10 +103,9 @@ class ProcessGroupCollective(Collective):
     timeout_s: float = 300.0
 
     def _fail(self, error: Exception, what: str) -> DistributedError:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         return DistributedError(
             f"rank {self.rank}/{self.world_size}: {what} failed; another rank probably stopped or "
-            f"did not answer within {self.timeout_s:g} s ({first})"
+            f"did not answer within {self.timeout_s:g} s ({first_line(error)})"
         )
 
     def all_reduce_sum(self, tensor: Tensor) -> Tensor:
@@ -163,10 +168,9 @@ def from_environment(device: torch.device | str = "cpu", timeout_s: float = 300.
         try:
             dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
         except Exception as error:  # rendezvous failures are long multi-line texts
-            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise DistributedError(
                 f"rank {os.environ['RANK']}: could not join the {backend} process group at "
-                f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} ({first})"
+                f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} ({first_line(error)})"
             ) from None
     return ProcessGroupCollective(dist.get_rank(), dist.get_world_size(), backend, timeout_s)
 

@@ -49,6 +49,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
+from mgd.distributed import first_line
 from mgd.metaparams import StepInputs
 from mgd.training import Trainer, TrainState
 
@@ -240,14 +241,23 @@ def pull_back(
     grads = torch.autograd.grad(outputs, targets, seeds, allow_unused=True)
     params_bar, buffers_bar = _zeros_for_none(grads[:2], targets[:2])
     adjoint_t = (theta_bar + trainer.sum_over_ranks(params_bar), *moments_bar, buffers_bar)
+    return _result(adjoint_t, local_bar, grads[2:], wrt, split)
+
+
+def _result(
+    adjoint: tuple[Tensor, ...],
+    update_bar: dict[str, Tensor],
+    loss_bar: Sequence[Tensor | None],
+    wrt: Sequence[str],
+    split: bool,
+):
+    """A VJP's return value: z̄ through the update and through the loss, summed or apart."""
     if split:
-        return adjoint_t, local_bar, _partial(grads[2:], wrt, local_bar)
-    _add(local_bar, wrt, grads[2:])
-    return adjoint_t, local_bar
-
-
-def _partial(extra: Sequence[Tensor | None], wrt: Sequence[str], like: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    return {name: torch.zeros_like(like[name]) if e is None else e for name, e in zip(wrt, extra)}
+        return adjoint, update_bar, {
+            name: torch.zeros_like(update_bar[name]) if e is None else e for name, e in zip(wrt, loss_bar)
+        }
+    _add(update_bar, wrt, loss_bar)
+    return adjoint, update_bar
 
 
 def double_backward_vjp(
@@ -307,19 +317,20 @@ def mixed_mode_vjp(
             it); else it is recomputed. ``split``: as in :func:`pull_back`. The other
             arguments are those of :class:`StepVJP`.
     """
+    def reverse_over_reverse(reason: str):
+        _fall_back(reason)
+        return pull_back(trainer, state, grad_graph(trainer, state, local, wrt), wrt, adjoint, split=split)
+
     blocker = forward_mode_blocker(trainer)
     if blocker is not None:
-        _fall_back(blocker)
-        return pull_back(trainer, state, grad_graph(trainer, state, local, wrt), wrt, adjoint, split=split)
+        return reverse_over_reverse(blocker)
     t = state.step
     params, *opt_state, buffers = state.tensors()
     with torch.enable_grad():
         leaves = _leaves(local, wrt)
         inputs = trainer.step_inputs(t, leaves)
         if inputs.x.requires_grad:
-            _fall_back("a metaparameter changes the training inputs")
-            graph = grad_graph(trainer, state, local, wrt)
-            return pull_back(trainer, state, graph, wrt, adjoint, split=split)
+            return reverse_over_reverse("a metaparameter changes the training inputs")
         constant = replace(
             inputs,
             example_weights=None if inputs.example_weights is None else inputs.example_weights.detach(),
@@ -346,10 +357,9 @@ def mixed_mode_vjp(
         text = str(error)
         if "forward" not in text.lower() and "jvp" not in text.lower():
             raise  # not a missing forward-mode formula: a real error
-        reason = f"an operation has no forward-mode derivative: {text.strip().splitlines()[0]}"
+        reason = f"an operation has no forward-mode derivative: {first_line(error)}"
         _NO_FORWARD_MODE[trainer.model] = reason
-        _fall_back(reason)
-        return pull_back(trainer, state, grad_graph(trainer, state, local, wrt), wrt, adjoint, split=split)
+        return reverse_over_reverse(reason)
     if hvp is not None:
         theta_bar = theta_bar + trainer.sum_over_ranks(hvp.detach())
 
@@ -359,8 +369,4 @@ def mixed_mode_vjp(
     if weights is not None and weights.requires_grad and loss_tangents is not None:
         weight_bar = loss_tangents.detach() / (constant.batch_size or len(loss_tangents))
         extra = torch.autograd.grad(weights, [leaves[name] for name in wrt], weight_bar, allow_unused=True)
-    adjoint_t = (theta_bar, *moments_bar, torch.zeros_like(buffers))
-    if split:
-        return adjoint_t, local_bar, _partial(extra, wrt, local_bar)
-    _add(local_bar, wrt, extra)
-    return adjoint_t, local_bar
+    return _result((theta_bar, *moments_bar, torch.zeros_like(buffers)), local_bar, extra, wrt, split)

@@ -13,7 +13,7 @@ from typing import Sequence
 
 from mgd._version import __version__
 from mgd.cli import estimate, grad, optimize, poison, schedule, select, smoothness, train
-from mgd.distributed import DistributedError, launched_by_torchrun
+from mgd.distributed import DistributedError, first_line, launched_by_torchrun
 from mgd.errors import ReplayDivergedError, UserError
 
 SUBCOMMANDS = (train, grad, optimize, select, poison, schedule, smoothness, estimate)
@@ -88,7 +88,7 @@ def _finish_together() -> None:
             try:
                 dist.barrier()
             except Exception as error:  # a rank died after finishing its work
-                raise DistributedError(f"ranks could not finish together ({str(error).splitlines()[0]})") from None
+                raise DistributedError(f"ranks could not finish together ({first_line(error)})") from None
 
 
 def _leave_process_group() -> None:
