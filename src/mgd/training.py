@@ -149,12 +149,15 @@ class _StatelessModule:
     costs about as much as the optimizer step on small models. Here the copy's parameters are
     removed once and each call writes the views of the flat vector straight into the
     submodules' ``__dict__`` (where ordinary attribute lookup finds them first), then runs
-    the copy in train mode. Tied parameters get the same view. The user's module is never
-    touched. The arithmetic is that of ``functional_call`` (the tests compare them bit for bit).
+    the copy in train (or eval) mode. Tied parameters get the same view. The user's module is
+    never touched. The arithmetic is that of ``functional_call`` (the tests compare them bit
+    for bit).
 
-    The copy is made at the first training step: forward hooks registered on the model after
-    that do not run during training. Evaluation (objectives, :meth:`Trainer.predict`) runs the
-    user's module itself, hooks included.
+    The training copy is made at the first training step: forward hooks registered on the
+    model after that do not run during training. Evaluation (objectives,
+    :meth:`Trainer.predict`) runs the user's module itself, hooks included, except for models
+    with a shared submodule, which torch 2.13's ``functional_call`` would damage: they are
+    evaluated on an eval-mode copy.
     """
 
     def __init__(self, model: nn.Module, names: tuple[str, ...], train: bool = True) -> None:
@@ -172,22 +175,20 @@ class _StatelessModule:
             owner._parameters.pop(attr, None)
 
     def __call__(self, chunks: tuple[Tensor, ...], shapes: tuple[torch.Size, ...], x: Tensor) -> Tensor:
+        """Run at parameters given as flat chunks (in ``named_parameters`` order) and shapes."""
+        return self._run([chunk.view(shape) for chunk, shape in zip(chunks, shapes)], x)
+
+    def call_named(self, named: Mapping[str, Tensor], x: Tensor) -> Tensor:
+        """Run at parameters given by name, as ``functional_call`` takes them."""
+        return self._run([named[name] for name in self.names], x)
+
+    def _run(self, values: list[Tensor], x: Tensor) -> Tensor:
         for owner, attr, i in self.slots:
-            owner.__dict__[attr] = chunks[i].view(shapes[i])
+            owner.__dict__[attr] = values[i]
         try:
             return self.module(x)
         finally:
             for owner, attr, _ in self.slots:  # hold no reference to the caller's tensors
-                owner.__dict__.pop(attr, None)
-
-    def call_named(self, named: Mapping[str, Tensor], x: Tensor) -> Tensor:
-        """Run at parameters given by name, as ``functional_call`` takes them."""
-        for owner, attr, i in self.slots:
-            owner.__dict__[attr] = named[self.names[i]]
-        try:
-            return self.module(x)
-        finally:
-            for owner, attr, _ in self.slots:
                 owner.__dict__.pop(attr, None)
 
 
