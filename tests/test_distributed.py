@@ -69,10 +69,8 @@ def test_two_ranks_equal_one_process(digits, tmp_path, optimizer, vjp):
             assert relative_error(torch.from_numpy(two[name]), grad) <= 1e-10, name
 
 
-def test_cli_under_torchrun_matches_one_process(tmp_path):
-    """The issue's bar: `torchrun --nproc-per-node 2 -m mgd grad` gives the same metagrad.npz."""
-    flags = ["grad", "--dataset", "digits", "--steps", "30", "--dtype", "float64", "--meta", "lr,data_weights",
-             "--quiet", "--dist-timeout", "60"]
+def run_once_and_under_torchrun(flags: list[str], tmp_path: Path) -> None:
+    """``mgd FLAGS`` in one process (``tmp_path/one``) and in two under torchrun (``.../two``)."""
     single = subprocess.run([sys.executable, "-m", "mgd", *flags, "--out", str(tmp_path / "one")],
                             capture_output=True, text=True)
     assert single.returncode == 0, single.stderr
@@ -82,6 +80,13 @@ def test_cli_under_torchrun_matches_one_process(tmp_path):
         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300,
     )
     assert two.returncode == 0, two.stderr[-3000:]
+
+
+def test_cli_under_torchrun_matches_one_process(tmp_path):
+    """The issue's bar: `torchrun --nproc-per-node 2 -m mgd grad` gives the same metagrad.npz."""
+    flags = ["grad", "--dataset", "digits", "--steps", "30", "--dtype", "float64", "--meta", "lr,data_weights",
+             "--quiet", "--dist-timeout", "60"]
+    run_once_and_under_torchrun(flags, tmp_path)
     result = json.loads((tmp_path / "two" / "result.json").read_text())
     assert result["distributed"] == {"world_size": 2, "backend": "gloo"}
     with np.load(tmp_path / "one" / "metagrad.npz") as a, np.load(tmp_path / "two" / "metagrad.npz") as b:
@@ -122,15 +127,7 @@ def test_optimize_under_torchrun_matches_one_process(tmp_path):
     flags = ["optimize", "--dataset", "digits", "--steps", "20", "--dtype", "float64", "--label-noise", "0.3",
              "--meta-steps", "2", "--crafting-seeds", "0,1", "--eval-seeds", "100,101,102", "--quiet",
              "--dist-timeout", "60"]
-    single = subprocess.run([sys.executable, "-m", "mgd", *flags, "--out", str(tmp_path / "one")],
-                            capture_output=True, text=True)
-    assert single.returncode == 0, single.stderr
-    two = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         "-m", "mgd", *flags, "--out", str(tmp_path / "two")],
-        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300,
-    )
-    assert two.returncode == 0, two.stderr[-3000:]
+    run_once_and_under_torchrun(flags, tmp_path)
     one_result = json.loads((tmp_path / "one" / "result.json").read_text())
     two_result = json.loads((tmp_path / "two" / "result.json").read_text())
     assert two_result["config"]["distributed"] == {"world_size": 2, "backend": "gloo"}
