@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -93,13 +95,13 @@ def test_reweighting_a_noisy_pool_lowers_validation_and_test_loss(digits):
     xte = torch.as_tensor(digits.x_test, dtype=dtype)
     yte = torch.as_tensor(digits.y_test)
 
+    noisy_digits = dataclasses.replace(digits, y_train=np.concatenate([noisy, digits.y_train[300:]]))
+
     def make(seed):
-        trainer, objective = tiny_problem(
-            digits, mgd.SGD(momentum=0.9), steps=60, n_train=300, batch_size=50, seed=seed,
+        return tiny_problem(
+            noisy_digits, mgd.SGD(momentum=0.9), steps=60, n_train=300, batch_size=50, seed=seed,
             metaparams=("data_weights",),
         )
-        trainer.y_train = torch.as_tensor(noisy)
-        return trainer, objective
 
     def test_loss(weights, seeds=(100, 101, 102)):
         losses = []

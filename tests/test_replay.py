@@ -231,14 +231,14 @@ class InputShift(mgd.metaparams.PerExample):
 
     name = "input_shift"
 
-    def shape(self, trainer):
-        return tuple(trainer.x_train.shape)
+    def shape(self, run):
+        return tuple(run.data.field(0).shape)
 
-    def default(self, trainer):
-        return torch.zeros_like(trainer.x_train)
+    def default(self, run):
+        return torch.zeros_like(run.data.field(0))
 
-    def apply(self, local, inputs, step, trainer):
-        return replace(inputs, x=inputs.x + local)
+    def apply(self, local, inputs, step, run):
+        return inputs.with_field(0, inputs.x + local)
 
 
 def test_new_metaparameter_kind_needs_no_change_to_the_reverse_pass(digits):
@@ -355,23 +355,6 @@ def test_bad_metaparameter_values_are_user_errors(digits):
         mgd.metagradient(trainer, objective, {"temperature": torch.ones(1)})
 
 
-class _Scaled(nn.Module):
-    """A module with a non-BatchNorm buffer, which the core refuses."""
-
-    def __init__(self):
-        super().__init__()
-        self.register_buffer("scale", torch.ones(1))
-
-    def forward(self, x):
-        return x * self.scale
-
-
-def test_model_with_other_buffers_is_refused(digits):
-    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 8), _Scaled(), nn.Linear(8, 10))
-    with pytest.raises(mgd.UserError, match="BatchNorm"):
-        tiny_problem(digits, mgd.SGD(), model=model)
-
-
 # ------------------------------------------------------------------------------- BatchNorm
 
 
@@ -467,7 +450,7 @@ def test_training_forward_equals_functional_call_and_leaves_the_model_alone(digi
     assert trainer.num_params == sum(p.numel() for p in model.parameters())  # the tie counted once
     params = trainer.flat_params().requires_grad_(True)
     x = trainer.x_train[:7]
-    fast, _ = trainer._train_forward(params, trainer.flat_buffers(), x, 0)
+    fast, _ = trainer.stateless.train_call(params, trainer.flat_buffers(), (x,), {})
     # on a copy: torch 2.13's functional_call leaves a module that appears twice as plain tensors
     reference = torch.func.functional_call(copy.deepcopy(model), trainer.unflatten(params), (x,))
     # objectives run in eval mode without that damage, and compute what the module computes

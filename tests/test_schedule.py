@@ -113,7 +113,8 @@ def test_hd_with_beta_zero_is_plain_sgd_and_follows_the_update_rule():
     d0 = (tr.init_state().params - s1.params) / 0.1
     params = s1.params.detach().requires_grad_(True)
     inputs = tr.step_inputs(1, tr.local_meta(meta, 1))
-    loss, _ = tr.batch_loss(params, s1.buffers, inputs, 1)
+    logits, _ = tr.stateless.train_call(params, s1.buffers, (inputs.x,), {})
+    loss = torch.nn.functional.cross_entropy(logits, inputs.batch[1])
     (g,) = torch.autograd.grad(loss, params)
     g = g + config.weight_decay * s1.params
     assert trace2[1] == pytest.approx(0.1 + 0.5 * float(g @ d0), rel=1e-4)

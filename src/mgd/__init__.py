@@ -1,7 +1,8 @@
 """mgd: exact metagradients through whole training runs, and metagradient descent.
 
-The core is functional: :class:`Trainer` turns an ``nn.Module``, an optimizer and a dataset
-into a pure step over an explicit :class:`TrainState`; metaparameters (:mod:`mgd.metaparams`)
+The core is functional: :class:`TrainingRun` (or :func:`make_run`; :class:`Trainer` for two
+in-memory tensors) turns an ``nn.Module``, a per-example loss, data and an optimizer into a
+pure step over an explicit :class:`TrainState`; metaparameters (:mod:`mgd.metaparams`)
 are tensors that act on each step; :func:`metagradient` returns ``∂φ(θ_T)/∂z`` exactly, with
 REPLAY's checkpoint tree keeping memory near ``k·log_k T`` states.
 """
@@ -21,12 +22,24 @@ from mgd.metaparams import (
 )
 from mgd.optim import SGD, Adam, make_optimizer
 from mgd.replay import MetaGradient, ReplayPlan, ReplayTrace, metagradient
+from mgd.losses import Metric, Objective
+from mgd.step import TrainingRun, make_run
+from mgd.task import Task
 from mgd.training import Trainer, TrainState, accuracy, cross_entropy_objective
+from mgd import batches, losses, schedules
 
 __all__ = [
     "__version__",
     "Trainer",
+    "TrainingRun",
+    "make_run",
+    "Task",
     "TrainState",
+    "Objective",
+    "Metric",
+    "batches",
+    "losses",
+    "schedules",
     "SGD",
     "Adam",
     "make_optimizer",

@@ -18,7 +18,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from mgd.training import Trainer
+from mgd.step import TrainingRun as Trainer, math_attention
 
 __all__ = ["full_unroll_metagradient", "train_and_evaluate", "directional_finite_difference", "relative_error"]
 
@@ -33,7 +33,7 @@ def full_unroll_metagradient(
     """``(f(z), ∂f/∂z)`` by plain reverse-mode autograd through the whole unrolled run."""
     values = trainer.check_meta(meta or {})
     wrt = list(values) if wrt is None else list(wrt)
-    with torch.enable_grad():
+    with torch.enable_grad(), math_attention():
         leaves = {
             name: (v.detach().clone().requires_grad_(True) if name in wrt else v)
             for name, v in values.items()
@@ -57,7 +57,7 @@ def train_and_evaluate(
 ) -> float:
     """``f(z)``: train from scratch with metaparameters ``meta`` and evaluate ``φ(θ_T)``."""
     final = trainer.run(meta)
-    with torch.no_grad():
+    with torch.no_grad(), math_attention():
         return float(objective(trainer.named_tensors(final.params, final.buffers)))
 
 

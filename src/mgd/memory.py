@@ -79,12 +79,10 @@ def step_graph_bytes(
 ) -> int:
     """Bytes that one step's second-order graph keeps alive, beyond the state it starts from.
 
-    Runs :func:`mgd.step_vjp.grad_graph` once and sums the distinct storages that autograd
+    Runs :meth:`mgd.step.TrainingRun.linearize` once and sums the distinct storages that autograd
     saves for the second backward pass, plus the gradient and new buffers it keeps. The state
     is excluded: a leaf replay stores it as a checkpoint anyway.
     """
-    from mgd.step_vjp import grad_graph
-
     excluded = {t.untyped_storage().data_ptr() for t in state.tensors()}
     seen: dict[int, int] = {}
 
@@ -95,7 +93,7 @@ def step_graph_bytes(
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        graph = grad_graph(trainer, state, local, wrt)
+        graph = trainer.linearize(state, local, wrt)
     for kept in (graph.grad, graph.new_buffers):
         storage = kept.untyped_storage()
         seen.setdefault(storage.data_ptr(), storage.nbytes())

@@ -2,15 +2,16 @@
 
 A metaparameter kind is a small object with four methods (``method.md`` §3.3):
 
-* ``default(trainer)``: its neutral value (training is unchanged at it);
-* ``check(value, trainer)``: raise :class:`~mgd.errors.UserError` for a bad value;
+* ``default(run)``: its neutral value (training is unchanged at it);
+* ``check(value, run)``: raise :class:`~mgd.errors.UserError` for a bad value;
 * ``local(value, step, index)``: the slice step ``step`` reads (differentiable in ``value``),
   e.g. ``value[step]`` for per-step LR multipliers or ``value[index]`` for per-example weights;
-* ``apply(local, inputs, step, trainer)``: return the :class:`StepInputs` changed by it;
+* ``apply(local, inputs, step, run)``: return the :class:`StepInputs` changed by it;
 * ``accumulate(total, local_grad, step, index)``: add the slice's gradient into the full
   gradient (the adjoint of ``local``).
 
-The reverse pass only ever calls these methods, so a new kind (say, additive perturbations of
+``run`` is a :class:`RunInfo` (steps, examples, dtype, device, base hyperparameters, the
+data), not the training run itself. The reverse pass only ever calls these methods, so a new kind (say, additive perturbations of
 the training inputs) is one subclass plus :func:`register_metaparam`; nothing in
 :mod:`mgd.replay` changes. The per-step cost stays proportional to the slice, not to ``z``.
 
@@ -30,18 +31,17 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, ClassVar, Iterable, Mapping, Union
+from typing import Any, ClassVar, Iterable, Mapping, Union
 
 import torch
 from torch import Tensor
 
+from mgd.batches import Field, get_field, set_field
 from mgd.errors import UserError
-
-if TYPE_CHECKING:  # pragma: no cover
-    from mgd.training import Trainer
 
 __all__ = [
     "StepInputs",
+    "RunInfo",
     "MetaParam",
     "PerStep",
     "PerExample",
@@ -61,8 +61,10 @@ class StepInputs:
     """What one training step consumes.
 
     Attributes:
-        index: indices of the minibatch's examples in the training set.
-        x, y: the minibatch's inputs and labels.
+        index: indices of the minibatch's examples in the training data (this rank's shard).
+        batch: the minibatch, a tensor or nested tuple/dict of tensors (``(x, y)`` for
+            :class:`~mgd.training.Trainer`); metaparameters that change inputs (poisons)
+            replace a field of it.
         example_weights: per-example loss weights, or ``None`` for all ones.
         lr: the learning rate of this step (0-dim tensor).
         weight_decay: the weight decay of this step (float or 0-dim tensor).
@@ -72,12 +74,42 @@ class StepInputs:
     """
 
     index: Tensor
-    x: Tensor
-    y: Tensor
+    batch: Any
     example_weights: Tensor | None
     lr: Tensor
     weight_decay: Union[float, Tensor]
     batch_size: int | None = None
+
+    @property
+    def x(self) -> Tensor:
+        """The first field of the batch (the inputs of an ``(x, y)`` batch)."""
+        return get_field(self.batch, 0) if not isinstance(self.batch, Tensor) else self.batch
+
+    def with_field(self, field: Field, value: Tensor) -> "StepInputs":
+        """These inputs with one field of the batch replaced (``field`` as in :mod:`mgd.batches`)."""
+        return replace(self, batch=set_field(self.batch, field, value))
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What a metaparameter kind may know about the run it acts on.
+
+    Attributes:
+        steps: the number of steps ``T``.
+        num_train: the number of training examples ``N``.
+        dtype, device: of the trainable parameters.
+        lr, weight_decay: the base learning rate and weight decay.
+        data: the training data (:class:`~mgd.batches.TensorData` or
+            :class:`~mgd.batches.DatasetData`); ``data.field(f)`` is one column of it.
+    """
+
+    steps: int
+    num_train: int
+    dtype: torch.dtype
+    device: torch.device
+    lr: float
+    weight_decay: float
+    data: Any = None
 
 
 class MetaParam(ABC):
@@ -86,12 +118,12 @@ class MetaParam(ABC):
     name: ClassVar[str]
 
     @abstractmethod
-    def shape(self, trainer: "Trainer") -> tuple[int, ...]:
+    def shape(self, run: RunInfo) -> tuple[int, ...]:
         """The full value's shape."""
 
     @abstractmethod
-    def default(self, trainer: "Trainer") -> Tensor:
-        """The neutral value, on the trainer's device and dtype."""
+    def default(self, run: RunInfo) -> Tensor:
+        """The neutral value, on the run's device and dtype."""
 
     @abstractmethod
     def local(self, value: Tensor, step: int, index: Tensor) -> Tensor:
@@ -102,12 +134,12 @@ class MetaParam(ABC):
         """``total += (∂ local / ∂ value)ᵀ local_grad``, in place."""
 
     @abstractmethod
-    def apply(self, local: Tensor, inputs: StepInputs, step: int, trainer: "Trainer") -> StepInputs:
+    def apply(self, local: Tensor, inputs: StepInputs, step: int, run: RunInfo) -> StepInputs:
         """How the slice changes what the step consumes."""
 
-    def check(self, value: Tensor, trainer: "Trainer") -> None:
+    def check(self, value: Tensor, run: RunInfo) -> None:
         """Reject values of the wrong shape or with NaN/inf (subclasses may add more)."""
-        expected = tuple(self.shape(trainer))
+        expected = tuple(self.shape(run))
         if tuple(value.shape) != expected:
             raise UserError(
                 f"metaparameter {self.name!r} must have shape {expected}, got {tuple(value.shape)}"
@@ -116,8 +148,8 @@ class MetaParam(ABC):
         if not torch.isfinite(value).all():
             raise UserError(f"metaparameter {self.name!r} contains NaN or infinite values")
 
-    def _full(self, trainer: "Trainer", fill: float) -> Tensor:
-        return torch.full(self.shape(trainer), fill, dtype=trainer.dtype, device=trainer.device)
+    def _full(self, run: RunInfo, fill: float) -> Tensor:
+        return torch.full(self.shape(run), fill, dtype=run.dtype, device=run.device)
 
 
 def _shape_hint(name: str, expected: tuple[int, ...]) -> str:
@@ -163,13 +195,13 @@ class LRMultipliers(PerStep):
 
     name = "lr"
 
-    def shape(self, trainer: "Trainer") -> tuple[int, ...]:
-        return (trainer.steps,)
+    def shape(self, run: RunInfo) -> tuple[int, ...]:
+        return (run.steps,)
 
-    def default(self, trainer: "Trainer") -> Tensor:
-        return self._full(trainer, 1.0)
+    def default(self, run: RunInfo) -> Tensor:
+        return self._full(run, 1.0)
 
-    def apply(self, local: Tensor, inputs: StepInputs, step: int, trainer: "Trainer") -> StepInputs:
+    def apply(self, local: Tensor, inputs: StepInputs, step: int, run: RunInfo) -> StepInputs:
         return replace(inputs, lr=inputs.lr * local)
 
 
@@ -188,11 +220,11 @@ class LRKnots(Global):
         if self.num_knots < 1:
             raise UserError(f"lr_knots needs at least one knot, got {self.num_knots}")
 
-    def shape(self, trainer: "Trainer") -> tuple[int, ...]:
+    def shape(self, run: RunInfo) -> tuple[int, ...]:
         return (self.num_knots,)
 
-    def default(self, trainer: "Trainer") -> Tensor:
-        return self._full(trainer, 0.0)
+    def default(self, run: RunInfo) -> Tensor:
+        return self._full(run, 0.0)
 
     @staticmethod
     def hat_weights(step: int, steps: int, num_knots: int) -> tuple[int, float]:
@@ -203,8 +235,8 @@ class LRKnots(Global):
         j = min(int(position), num_knots - 2)
         return j, position - j
 
-    def apply(self, local: Tensor, inputs: StepInputs, step: int, trainer: "Trainer") -> StepInputs:
-        j, alpha = self.hat_weights(step, trainer.steps, self.num_knots)
+    def apply(self, local: Tensor, inputs: StepInputs, step: int, run: RunInfo) -> StepInputs:
+        j, alpha = self.hat_weights(step, run.steps, self.num_knots)
         log_multiplier = local[j] if alpha == 0.0 else (1.0 - alpha) * local[j] + alpha * local[j + 1]
         return replace(inputs, lr=inputs.lr * torch.exp(log_multiplier))
 
@@ -214,13 +246,13 @@ class DataWeights(PerExample):
 
     name = "data_weights"
 
-    def shape(self, trainer: "Trainer") -> tuple[int, ...]:
-        return (trainer.num_train,)
+    def shape(self, run: RunInfo) -> tuple[int, ...]:
+        return (run.num_train,)
 
-    def default(self, trainer: "Trainer") -> Tensor:
-        return self._full(trainer, 1.0)
+    def default(self, run: RunInfo) -> Tensor:
+        return self._full(run, 1.0)
 
-    def apply(self, local: Tensor, inputs: StepInputs, step: int, trainer: "Trainer") -> StepInputs:
+    def apply(self, local: Tensor, inputs: StepInputs, step: int, run: RunInfo) -> StepInputs:
         weights = local if inputs.example_weights is None else inputs.example_weights * local
         return replace(inputs, example_weights=weights)
 
@@ -230,18 +262,18 @@ class WeightDecay(Global):
 
     name = "weight_decay"
 
-    def shape(self, trainer: "Trainer") -> tuple[int, ...]:
+    def shape(self, run: RunInfo) -> tuple[int, ...]:
         return ()
 
-    def default(self, trainer: "Trainer") -> Tensor:
-        return self._full(trainer, trainer.weight_decay)
+    def default(self, run: RunInfo) -> Tensor:
+        return self._full(run, run.weight_decay)
 
-    def check(self, value: Tensor, trainer: "Trainer") -> None:
-        super().check(value, trainer)
+    def check(self, value: Tensor, run: RunInfo) -> None:
+        super().check(value, run)
         if value.item() < 0:
             raise UserError(f"weight_decay must be >= 0, got {value.item()}")
 
-    def apply(self, local: Tensor, inputs: StepInputs, step: int, trainer: "Trainer") -> StepInputs:
+    def apply(self, local: Tensor, inputs: StepInputs, step: int, run: RunInfo) -> StepInputs:
         return replace(inputs, weight_decay=local)
 
 

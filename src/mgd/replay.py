@@ -30,10 +30,18 @@ double-backward (``create_graph=True``), ``method.md`` §3.1.
 
 .. danger::
    REPLAY is exact only if every replayed step is bit-identical to the original. ``mgd``
-   fingerprints every state of the forward pass and every replayed state and raises
-   :class:`~mgd.errors.ReplayDivergedError` if any differ. Changing the thread count, device
-   or dtype between the forward pass and the replay, or a model that reads a global RNG,
-   breaks this.
+   fingerprints every state of the forward pass and the per-example losses of every step,
+   and compares every recomputation with them: each replayed state, and the losses of every
+   step a VJP recomputes (store-everything included, every VJP mode). Any difference raises
+   :class:`~mgd.errors.ReplayDivergedError`. Changing the thread count, device or dtype
+   between the forward pass and the replay, or a model that draws from an RNG of its own,
+   breaks this; dropout is fine (NOTE [randomness] in :mod:`mgd.step`).
+
+NOTE [fused fallback]: the fused path computes ``s_{t+1}`` from the gradient taken with
+``create_graph=True``. For most operations that is the same arithmetic as the forward pass's
+plain backward, but not for all (GroupNorm's CPU kernel records a different formula). The
+first fused step is therefore compared with the forward pass at once; if it differs, the run
+falls back to recomputing each step at its VJP (``"double-backward"``), which is exact.
 
 References:
     Engstrom et al., *Optimizing ML Training with Metagradient Descent*, arXiv 2503.13751
@@ -45,6 +53,7 @@ from __future__ import annotations
 import functools
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator, Mapping, Sequence, Union
 
@@ -54,16 +63,8 @@ from torch import Tensor
 from mgd.distributed import check_replicated
 from mgd.errors import ReplayDivergedError, UserError
 from mgd.memory import default_memory_budget, format_bytes, step_graph_bytes
-from mgd.step_vjp import (
-    GradGraph,
-    StepVJP,
-    double_backward_vjp,
-    grad_graph,
-    mixed_mode_vjp,
-    next_state,
-    pull_back,
-)
-from mgd.training import Trainer, TrainState
+from mgd.step import GradGraph, TrainingRun, TrainState, math_attention
+from mgd.step_vjp import StepVJP, VJPResult, double_backward_vjp, mixed_mode_vjp, pull_back
 
 __all__ = [
     "ReplayPlan",
@@ -80,6 +81,7 @@ __all__ = [
     "MetaGradient",
     "ReplayTrace",
     "metagradient",
+    "FusedFallback",
 ]
 
 MODES = ("replay", "unrolled")
@@ -411,6 +413,7 @@ class MetaGradient:
         timings: seconds spent in the forward pass and the reverse pass.
         memory: ``state_bytes``, ``graph_bytes`` (one kept step graph), ``budget_bytes`` and
             the plan's ``planned_peak_bytes`` (:meth:`ReplayPlan.peak_bytes`).
+        vjp: the per-step VJP that ran (``"double-backward"`` after a fused fallback).
     """
 
     value: float
@@ -419,19 +422,51 @@ class MetaGradient:
     plan: ReplayPlan
     timings: dict[str, float]
     memory: dict[str, int | None] = field(default_factory=dict)
+    vjp: str = "fused"
+
+
+def _bits(tensor: Tensor) -> Tensor:
+    """An exact checksum of a tensor's bits: the integer sum of its raw 32-bit words."""
+    return tensor.detach().reshape(-1).view(torch.int32).sum(dtype=torch.int64)
 
 
 def _fingerprint(state: TrainState) -> Tensor:
-    """An exact checksum of a state's bits: integer sums of the raw bit patterns.
+    """An exact checksum of a state's bits, one per tensor.
 
     Any single-bit change alters it; it stays on the device (no synchronisation per step).
     """
-    sums = [t.detach().reshape(-1).view(torch.int32).sum(dtype=torch.int64) for t in state.tensors()]
-    return torch.stack(sums)
+    return torch.stack([_bits(t) for t in state.tensors()])
+
+
+class FusedFallback(UserWarning):
+    """The fused per-step VJP was not bit-identical to the forward pass; double-backward ran instead."""
+
+
+def _objective_gradient(run: TrainingRun, objective, final: TrainState) -> tuple[Tensor, Tensor, Tensor]:
+    """``(φ(θ_T), ∂φ/∂θ_T, ∂φ/∂b_T)``; batch by batch when the objective offers it."""
+    with torch.enable_grad():
+        theta = final.params.detach().requires_grad_(True)
+        buffers = final.buffers.detach().requires_grad_(True)
+        named = run.named_tensors(theta, buffers)
+        if hasattr(objective, "value_and_grad"):
+            names = list(named)
+            value, parts = objective.value_and_grad(named, names)
+            grads = dict(zip(names, parts))
+
+            def flat(keys) -> Tensor:
+                pieces = [(grads[n] if grads[n] is not None else torch.zeros_like(named[n])).reshape(-1) for n in keys]
+                return torch.cat(pieces) if pieces else torch.zeros(0, dtype=run.dtype, device=run.device)
+
+            return value.detach(), flat(run.stateless.names), flat(run.stateless.buffer_names)
+        value = objective(named)
+        theta_bar, buffers_bar = torch.autograd.grad(value, (theta, buffers), allow_unused=True)
+    if theta_bar is None:
+        theta_bar = torch.zeros_like(theta)
+    return value.detach(), theta_bar, torch.zeros_like(buffers) if buffers_bar is None else buffers_bar
 
 
 def metagradient(
-    trainer: Trainer,
+    trainer: TrainingRun,
     objective: Callable[[Mapping[str, Tensor]], Tensor],
     meta: Mapping[str, Tensor] | None = None,
     *,
@@ -447,9 +482,11 @@ def metagradient(
     """The exact gradient of ``objective(θ_T)`` with respect to metaparameters.
 
     Args:
-        trainer: the training run.
-        objective: ``φ``, a differentiable scalar function of the final parameters, given as a
-            name → tensor dict (see :func:`mgd.training.cross_entropy_objective`).
+        trainer: the training run (a :class:`~mgd.step.TrainingRun`, e.g. a
+            :class:`~mgd.training.Trainer`).
+        objective: ``φ``, a differentiable scalar function of the final trainable parameters
+            and BatchNorm statistics, given as a name → tensor dict (e.g.
+            :class:`mgd.losses.Objective`, evaluated batch by batch).
         meta: metaparameter values (missing kinds take their neutral default).
         wrt: which metaparameters to differentiate (default: all kinds of the run).
         mode: ``"replay"`` (lazy k-ary tree) or ``"unrolled"`` (store every state).
@@ -461,8 +498,9 @@ def metagradient(
         vjp: the per-step VJP, one of :data:`VJP_MODES` or a :class:`StepVJP` callable:
             ``"fused"`` (default): double-backward, where the bottom-level replays keep each
             step's graph so that its VJP does not recompute the step (memory: one step's
-            graph per state of a leaf segment); ``"double-backward"``: recompute each step
-            with a graph at its VJP; ``"mixed"``: forward-over-reverse
+            graph per state of a leaf segment; NOTE [fused fallback]);
+            ``"double-backward"``: recompute each step with a graph at its VJP (micro-batch by
+            micro-batch); ``"mixed"``: forward-over-reverse
             (:func:`~mgd.step_vjp.mixed_mode_vjp`, least memory). All are exact.
         horizon: differentiate only through the last ``horizon`` steps (truncated
             backpropagation: a cheaper, *biased* metagradient that ignores how earlier steps
@@ -474,9 +512,11 @@ def metagradient(
         A :class:`MetaGradient`.
 
     Raises:
-        UserError: bad ``mode``, ``k`` or metaparameter values.
-        ReplayDivergedError: a replayed state differs from the forward pass.
+        UserError: bad ``mode``, ``k`` or metaparameter values; a NaN or infinite training
+            loss (naming the step).
+        ReplayDivergedError: a recomputed state or step differs from the forward pass.
     """
+    run = trainer
     if mode not in MODES:
         raise UserError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     if k is not None and k < 2:
@@ -485,14 +525,9 @@ def metagradient(
         raise UserError(f"the truncation horizon must be >= 1 step, got {horizon}")
     if isinstance(vjp, str) and vjp not in VJP_MODES:
         raise UserError(f"unknown per-step VJP {vjp!r}; choose one of {', '.join(VJP_MODES)}")
-    if not isinstance(vjp, str) and trainer.collective.world_size > 1:
+    if not isinstance(vjp, str) and run.collective.world_size > 1:
         raise UserError("a custom per-step VJP cannot run data-parallel; use one of " + ", ".join(VJP_MODES))
-    fused = vjp == "fused"
-    mixed = vjp == "mixed"
-    step_vjp: StepVJP = double_backward_vjp if isinstance(vjp, str) else vjp
-    T = trainer.steps
-    first_step = 0 if horizon is None else max(0, T - horizon)
-    values = trainer.check_meta(meta or {})
+    values = run.check_meta(meta or {})
     wrt = list(values) if wrt is None else list(wrt)
     missing = [name for name in wrt if name not in values]
     if missing:
@@ -500,8 +535,18 @@ def metagradient(
             f"cannot differentiate {', '.join(missing)}: not a metaparameter of this run "
             f"(it has {', '.join(values) or 'none'})"
         )
+    with math_attention():
+        return _metagradient(run, objective, values, wrt, mode, k, vjp, horizon, memory_budget, trace, progress)
 
-    s0 = trainer.init_state()
+
+def _metagradient(run, objective, values, wrt, mode, k, vjp, horizon, memory_budget, trace, progress) -> MetaGradient:
+    fused = vjp == "fused"
+    mixed = vjp == "mixed"
+    step_vjp: StepVJP = double_backward_vjp if isinstance(vjp, str) else vjp
+    T = run.steps
+    first_step = 0 if horizon is None else max(0, T - horizon)
+
+    s0 = run.init_state()
     state_bytes = s0.nbytes()
     graph_bytes = 0
     if mode == "unrolled":
@@ -510,14 +555,19 @@ def metagradient(
         plan = ReplayPlan.build(T, k, fused=fused)
     else:
         if fused:
-            graph_bytes = step_graph_bytes(trainer, s0, trainer.local_meta(values, 0), wrt)
+            graph_bytes = step_graph_bytes(run, s0, run.local_meta(values, 0), wrt)
         plan = ReplayPlan.choose(
             T, state_bytes, graph_bytes, memory_budget, fused=fused, cap=default_memory_budget()
         )
     fused = fused and plan.fused
+    used_vjp = vjp if isinstance(vjp, str) else "custom"
     checkpoints: dict[int, TrainState] = {}
-    forward_fp = torch.zeros(T + 1, len(s0.tensors()), dtype=torch.int64, device=trainer.device)
-    diverged = torch.zeros(T + 1, dtype=torch.bool, device=trainer.device)
+    device = run.device
+    forward_fp = torch.zeros(T + 1, len(s0.tensors()), dtype=torch.int64, device=device)
+    loss_fp = torch.zeros(T, dtype=torch.int64, device=device)
+    loss_sums = torch.zeros(T, dtype=run.dtype, device=device)
+    state_diverged = torch.zeros(T + 1, dtype=torch.bool, device=device)
+    step_diverged = torch.zeros(T, dtype=torch.bool, device=device)
 
     def note_live() -> None:
         if trace is not None:
@@ -528,17 +578,33 @@ def metagradient(
     # or its minibatch gradient ("mixed"), keyed by step and dropped once used.
     graphs: dict[int, GradGraph] = {}
     cached_grads: dict[int, Tensor] = {}
+    fused_checked = False
 
-    def advance(state: TrainState, keep_work: bool) -> TrainState:
+    def advance(state: TrainState, keep_work: bool) -> tuple[TrainState, Tensor]:
+        nonlocal fused, fused_checked, used_vjp
         t = state.step
         if keep_work and fused and t >= first_step:
-            graphs[t] = grad_graph(trainer, state, trainer.local_meta(values, t), wrt)
+            graph = run.linearize(state, run.local_meta(values, t), wrt)
+            new = run.next_state(state, graph)
+            if not fused_checked:  # NOTE [fused fallback]: one synchronisation, once
+                fused_checked = True
+                if not (torch.equal(_fingerprint(new), forward_fp[t + 1]) and bool(_bits(graph.losses) == loss_fp[t])):
+                    warnings.warn(
+                        "the fused per-step VJP's gradient is not bit-identical to the forward "
+                        "pass's for this model; recomputing each step at its VJP instead (exact)",
+                        FusedFallback, stacklevel=4,
+                    )
+                    fused, used_vjp = False, "double-backward"
+                    del graph
+                    result = run.take_step(state, values)
+                    return result.state, result.losses
+            graphs[t] = graph
             note_live()
-            return next_state(trainer, state, graphs[t])
+            return new, graph.losses
+        result = run.take_step(state, values)
         if keep_work and mixed and t >= first_step:
-            state, cached_grads[t] = trainer.step_with_grad(state, values)
-            return state
-        return trainer.step(state, values)
+            cached_grads[t] = result.grad
+        return result.state, result.losses
 
     def run_forward(
         start: TrainState, stop: int, store: tuple[int, ...], phase: str, leaf: bool = False
@@ -546,13 +612,16 @@ def metagradient(
         keep = set(store)
         state = start
         while state.step < stop:
-            state = advance(state, leaf)
+            state, losses = advance(state, leaf)
             t = state.step
-            fp = _fingerprint(state)
+            fp, lf = _fingerprint(state), _bits(losses)
             if phase == "forward":
                 forward_fp[t] = fp
+                loss_fp[t - 1] = lf
+                loss_sums[t - 1] = losses.sum()
             else:
-                diverged[t] |= (fp != forward_fp[t]).any()
+                state_diverged[t] |= (fp != forward_fp[t]).any()
+                step_diverged[t - 1] |= lf != loss_fp[t - 1]
             if trace is not None:
                 trace.events.append((phase, t))
                 if trace.keep_states:
@@ -578,24 +647,18 @@ def metagradient(
     checkpoints[0] = s0
     note_live()
     final = run_forward(s0, T, first.store, "forward")
-    check_replicated(trainer.collective, forward_fp[[0, T]], "initial or final training states")
-    with torch.enable_grad():
-        theta = final.params.detach().requires_grad_(True)
-        buffers = final.buffers.detach().requires_grad_(True)
-        value = objective(trainer.named_tensors(theta, buffers))
-        theta_bar, buffers_bar = torch.autograd.grad(value, (theta, buffers), allow_unused=True)
-    adjoint = (
-        theta_bar,
-        *(torch.zeros_like(t) for t in final.opt_state),
-        torch.zeros_like(buffers) if buffers_bar is None else buffers_bar,
-    )
+    run.check_finite(loss_sums)
+    run.stateless.check_constants()
+    check_replicated(run.collective, forward_fp[[0, T]], "initial or final training states")
+    value, theta_bar, buffers_bar = _objective_gradient(run, objective, final)
+    adjoint = (theta_bar, *(torch.zeros_like(t) for t in final.opt_state), buffers_bar)
     forward_seconds = time.perf_counter() - started
 
     # ---- reverse pass
     started = time.perf_counter()
     grads = {name: torch.zeros_like(values[name]) for name in wrt}
     # With data parallelism, what reaches z through a rank's own examples is summed at the end.
-    split = trainer.collective.world_size > 1
+    split = run.collective.world_size > 1
     partial = {name: torch.zeros_like(values[name]) for name in wrt} if split else {}
     for op in ops:
         if isinstance(op, Replay):
@@ -605,25 +668,29 @@ def metagradient(
                 # VJPs come in order T-1 .. 0: everything left is before the horizon.
                 break
             state = checkpoints[op.step]
-            local = trainer.local_meta(values, op.step)
+            local = run.local_meta(values, op.step)
             if op.step in graphs:
                 graph = graphs.pop(op.step)
                 note_live()
-                result = pull_back(trainer, state, graph, wrt, adjoint, split=split)
+                result = pull_back(run, state, graph, wrt, adjoint)
             elif mixed:
-                grad = cached_grads.pop(op.step, None)
-                result = mixed_mode_vjp(trainer, state, local, wrt, adjoint, grad, split=split)
-            elif split:
-                result = pull_back(trainer, state, grad_graph(trainer, state, local, wrt), wrt, adjoint, split=True)
+                result = mixed_mode_vjp(run, state, local, wrt, adjoint, cached_grads.pop(op.step, None))
             else:
-                result = step_vjp(trainer, state, local, wrt, adjoint)
-            adjoint, local_grads = result[0], result[1]
-            index = trainer.shard_indices(op.step)
+                result = step_vjp(run, state, local, wrt, adjoint)
+            if isinstance(result, VJPResult):
+                if result.losses is not None:
+                    step_diverged[op.step] |= _bits(result.losses) != loss_fp[op.step]
+                adjoint = result.adjoint
+                update_bar, loss_bar = result.update_bar, result.loss_bar
+            else:  # a custom StepVJP: (ā_t, z̄ slices)
+                adjoint, update_bar = result[0], result[1]
+                loss_bar = {}
+            index = run.shard_indices(op.step)
             for name in wrt:
-                kind = trainer.metaparams[name]
-                kind.accumulate(grads[name], local_grads[name], op.step, index)
-                if split:
-                    kind.accumulate(partial[name], result[2][name], op.step, index)
+                kind = run.metaparams[name]
+                kind.accumulate(grads[name], update_bar[name], op.step, index)
+                if name in loss_bar:
+                    kind.accumulate(partial[name] if split else grads[name], loss_bar[name], op.step, index)
             if trace is not None:
                 trace.events.append(("vjp", op.step))
             if progress is not None:
@@ -632,18 +699,21 @@ def metagradient(
             del checkpoints[op.step]
             note_live()
     for name in partial:
-        grads[name] += trainer.collective.all_reduce_sum(partial[name])
+        grads[name] += run.collective.all_reduce_sum(partial[name])
     reverse_seconds = time.perf_counter() - started
 
-    if bool(diverged.any()):
-        first_bad = int(diverged.nonzero()[0, 0])
+    if bool(state_diverged.any()) or bool(step_diverged.any()):
+        bad_state = int(state_diverged.nonzero()[0, 0]) if bool(state_diverged.any()) else T + 1
+        bad_step = int(step_diverged.nonzero()[0, 0]) if bool(step_diverged.any()) else T + 1
+        what = f"replayed state s_{bad_state}" if bad_state <= bad_step else f"recomputed step {bad_step}"
         raise ReplayDivergedError(
-            f"replayed state s_{first_bad} differs from the forward pass: training is not "
-            "bit-deterministic here (thread count, device, dtype or a global RNG changed); "
-            "the metagradient would be wrong, so none is returned"
+            f"{what} differs from the forward pass: training is not bit-deterministic here "
+            "(thread count, device, dtype, or randomness the run does not seed: draw it from "
+            "augment='s generator or the model's torch RNG); the metagradient would be wrong, "
+            "so none is returned"
         )
     return MetaGradient(
-        value=float(value.detach()),
+        value=float(value),
         grads=grads,
         final_state=final,
         plan=plan,
@@ -654,4 +724,5 @@ def metagradient(
             "budget_bytes": memory_budget,
             "planned_peak_bytes": plan.peak_bytes(state_bytes, graph_bytes),
         },
+        vjp=used_vjp,
     )

@@ -16,6 +16,10 @@ first takes the update's VJP on its own, given ``g``: in closed form
 (``Optimizer.update_vjp``, checked against autograd), since ``U`` is a handful of elementwise
 operations. They differ in how ``H_t ḡ`` and the per-example terms are obtained:
 
+These are strategies over the views of the one step (:mod:`mgd.step`): none of them defines
+a step of its own. Every path that recomputes a step also returns the per-example losses it
+computed, which the REPLAY engine compares bit for bit with the forward pass's.
+
 * :func:`pull_back` on a :class:`GradGraph` (``method.md`` §3.1): the gradient computation
   recorded with ``create_graph=True``, walked backwards once with ``ḡ``: reverse-over-reverse.
   General (any module, BatchNorm buffers, metaparameters that change the inputs) and, on
@@ -50,20 +54,19 @@ import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 from mgd.distributed import first_line
-from mgd.metaparams import StepInputs
-from mgd.training import Trainer, TrainState
+from mgd.errors import UserError
+from mgd.step import GradGraph, TrainingRun, TrainState, add_into, zeros_for_none
 
 __all__ = [
-    "StepVJP", "GradGraph", "grad_graph", "next_state", "pull_back", "double_backward_vjp",
-    "mixed_mode_vjp", "MixedModeFallback",
+    "StepVJP", "VJPResult", "GradGraph", "pull_back", "double_backward_vjp", "mixed_mode_vjp", "MixedModeFallback",
 ]
 
 
 class StepVJP(Protocol):
-    """``(ā_t, local z̄) = VJP of step t at (s_t, z) applied to ā_{t+1}``.
+    """``(ā_t, local z̄) = VJP of step t at (s_t, z) applied to ā_{t+1}`` (a custom strategy).
 
     Args:
-        trainer: the run.
+        run: the :class:`~mgd.step.TrainingRun`.
         state: ``s_t`` (detached).
         local: each metaparameter's slice for step ``t`` (detached).
         wrt: names of the metaparameters whose gradient is needed.
@@ -75,7 +78,7 @@ class StepVJP(Protocol):
 
     def __call__(
         self,
-        trainer: Trainer,
+        run: TrainingRun,
         state: TrainState,
         local: Mapping[str, Tensor],
         wrt: Sequence[str],
@@ -83,155 +86,49 @@ class StepVJP(Protocol):
     ) -> tuple[tuple[Tensor, ...], dict[str, Tensor]]: ...
 
 
-def _leaves(local: Mapping[str, Tensor], wrt: Sequence[str]) -> dict[str, Tensor]:
-    return {
-        name: (value.detach().requires_grad_(True) if name in wrt else value.detach())
-        for name, value in local.items()
-    }
-
-
-def _zeros_for_none(grads: Sequence[Tensor | None], like: Sequence[Tensor]) -> tuple[Tensor, ...]:
-    return tuple(torch.zeros_like(x) if g is None else g for g, x in zip(grads, like))
-
-
-def _detached(value):
-    return value.detach() if isinstance(value, Tensor) else value
-
-
 @dataclass
-class GradGraph:
-    """Step ``step``'s minibatch gradient with the graph that differentiates it once more.
-
-    Only the gradient computation is recorded (``create_graph=True``); the optimizer update,
-    a few elementwise operations, is re-run on its own by :func:`pull_back`. A kept graph
-    therefore holds the activations and the gradient, not the update's temporaries.
+class VJPResult:
+    """What a built-in per-step VJP returns.
 
     Attributes:
-        params, buffers: leaves aliasing ``s_t``'s parameters and buffers (no copies).
-        leaves: the metaparameter slices (leaves for those differentiated).
-        inputs: what the step consumed (``lr``, ``weight_decay`` and the example weights keep
-            their graph to ``leaves``).
-        grad: ``g_t`` (this rank's shard of it with data parallelism), differentiable in
-            ``params`` and ``leaves`` (through the weights).
-        full_grad: ``g_t`` summed over ranks, detached: what the update consumes.
-        new_buffers: the new BatchNorm statistics, differentiable in ``params`` and ``buffers``.
+        adjoint: ``ā_t``.
+        update_bar: z̄ reaching the metaparameters through the update (``η``, ``λ``): the same
+            on every rank.
+        loss_bar: z̄ through this rank's loss (data weights, inputs): summed over ranks once.
+        losses: the per-example losses of the step if it was recomputed here (detached), for
+            the engine's fingerprint; ``None`` when a kept graph was used.
     """
 
-    step: int
-    params: Tensor
-    buffers: Tensor
-    leaves: dict[str, Tensor]
-    inputs: StepInputs
-    grad: Tensor
-    full_grad: Tensor
-    new_buffers: Tensor
+    adjoint: tuple[Tensor, ...]
+    update_bar: dict[str, Tensor]
+    loss_bar: dict[str, Tensor]
+    losses: Tensor | None = None
+
+    def local_bar(self) -> dict[str, Tensor]:
+        """``update_bar + loss_bar``: the slice gradients of one process."""
+        return {name: self.update_bar[name] + self.loss_bar[name] for name in self.update_bar}
 
 
-def grad_graph(
-    trainer: Trainer, state: TrainState, local: Mapping[str, Tensor], wrt: Sequence[str]
-) -> GradGraph:
-    """Compute ``g_t`` at ``s_t`` keeping its graph (see :class:`GradGraph`)."""
-    t = state.step
-    with torch.enable_grad():
-        params = state.params.detach().requires_grad_(True)
-        buffers = state.buffers.detach().requires_grad_(True)
-        leaves = _leaves(local, wrt)
-        inputs = trainer.step_inputs(t, leaves)
-        loss, new_buffers = trainer.batch_loss(params, buffers, inputs, t)
-        (grad,) = torch.autograd.grad(loss, params, create_graph=True)
-    full_grad = trainer.sum_over_ranks(grad.detach())
-    return GradGraph(t, params, buffers, leaves, inputs, grad, full_grad, new_buffers)
-
-
-def next_state(trainer: Trainer, state: TrainState, graph: GradGraph) -> TrainState:
-    """``s_{t+1}`` from a :class:`GradGraph`: the same arithmetic as :meth:`Trainer.step`."""
-    with torch.no_grad():
-        new_params, new_opt = trainer.optimizer.update(
-            graph.full_grad, state.params, state.opt_state, step=state.step,
-            lr=graph.inputs.lr.detach(), weight_decay=_detached(graph.inputs.weight_decay),
-        )
-    return TrainState(new_params, tuple(new_opt), graph.new_buffers.detach(), state.step + 1)
-
-
-def _update_pullback(
-    trainer: Trainer,
-    state: TrainState,
-    grad: Tensor,
-    inputs: StepInputs,
-    leaves: Mapping[str, Tensor],
-    wrt: Sequence[str],
-    adjoint: tuple[Tensor, ...],
-) -> tuple[Tensor, Tensor, tuple[Tensor, ...], dict[str, Tensor]]:
-    """``(ḡ, ∂U/∂θᵀā, ∂U/∂oᵀā, z̄ through η and λ)``: the VJP of the update ``U`` alone.
-
-    In closed form when the optimizer has ``update_vjp`` (the built-in ones), else by
-    autograd over ``U``; ``η̄`` and ``λ̄`` are then chained into the metaparameters.
-    """
-    optimizer = trainer.optimizer
-    if hasattr(optimizer, "update_vjp"):
-        n = len(state.opt_state)
-        vjp = optimizer.update_vjp(
-            grad.detach(), state.params, state.opt_state, adjoint[0], tuple(adjoint[1 : 1 + n]),
-            step=state.step, lr=inputs.lr, weight_decay=inputs.weight_decay,
-        )
-        outputs, seeds = [], []
-        for value, bar in ((inputs.lr, vjp.lr), (inputs.weight_decay, vjp.weight_decay)):
-            if isinstance(value, Tensor) and value.requires_grad:
-                outputs.append(value)
-                seeds.append(bar)
-        local_bar = {name: torch.zeros_like(leaves[name]) for name in wrt}
-        if outputs and wrt:
-            # retain_graph: a metaparameter's own graph may be walked again (data weights)
-            extra = torch.autograd.grad(outputs, [leaves[name] for name in wrt], seeds,
-                                        allow_unused=True, retain_graph=True)
-            _add(local_bar, wrt, extra)
-        return vjp.grad, vjp.params, tuple(vjp.state), local_bar
-    with torch.enable_grad():
-        g = grad.detach().requires_grad_(True)
-        theta = state.params.detach().requires_grad_(True)
-        moments = tuple(m.detach().requires_grad_(True) for m in state.opt_state)
-        new_params, new_moments = trainer.optimizer.update(
-            g, theta, moments, step=state.step, lr=inputs.lr, weight_decay=inputs.weight_decay
-        )
-        outputs = (new_params, *new_moments)
-        targets = (g, theta, *moments, *(leaves[name] for name in wrt))
-        # retain_graph: a metaparameter's own graph (e.g. lr knots) may be walked again below
-        grads = _zeros_for_none(
-            torch.autograd.grad(outputs, targets, adjoint[: len(outputs)], allow_unused=True, retain_graph=True),
-            targets,
-        )
-    n = len(moments)
-    return grads[0], grads[1], tuple(grads[2 : 2 + n]), dict(zip(wrt, grads[2 + n :]))
-
-
-def _add(local_bar: dict[str, Tensor], wrt: Sequence[str], extra: Sequence[Tensor | None]) -> None:
-    for name, e in zip(wrt, extra):
-        if e is not None:
-            local_bar[name] = local_bar[name] + e
+def _loss_bar(wrt: Sequence[str], like: Mapping[str, Tensor], grads: Sequence[Tensor | None]) -> dict[str, Tensor]:
+    return {name: torch.zeros_like(like[name]) if g is None else g for name, g in zip(wrt, grads)}
 
 
 def pull_back(
-    trainer: Trainer,
+    run: TrainingRun,
     state: TrainState,
     graph: GradGraph,
     wrt: Sequence[str],
     adjoint: tuple[Tensor, ...],
-    *,
-    split: bool = False,
-):
+    losses: Tensor | None = None,
+) -> VJPResult:
     """The VJP of step ``t`` given its :class:`GradGraph`: reverse-over-reverse.
 
     First the update's VJP gives ``ḡ``; then one backward pass through the kept gradient graph
     gives ``H_t ḡ``, the data-weight terms and the BatchNorm statistics' share. With data
     parallelism the Hessian-vector product is summed over ranks here.
-
-    Returns:
-        ``(ā_t, z̄_local)``; with ``split=True``, ``(ā_t, z̄ through the update, z̄ through
-        this rank's loss)``: the first is the same on every rank, the second must be summed
-        over ranks (see :mod:`mgd.distributed`).
     """
-    g_bar, theta_bar, moments_bar, local_bar = _update_pullback(
-        trainer, state, graph.full_grad, graph.inputs, graph.leaves, wrt, adjoint
+    g_bar, theta_bar, moments_bar, update_bar = run.update_pullback(
+        state, graph.full_grad, graph.inputs, graph.leaves, wrt, adjoint
     )
     outputs, seeds = [graph.grad], [g_bar]
     if graph.new_buffers.requires_grad:
@@ -239,36 +136,83 @@ def pull_back(
         seeds.append(adjoint[-1])
     targets = (graph.params, graph.buffers, *(graph.leaves[name] for name in wrt))
     grads = torch.autograd.grad(outputs, targets, seeds, allow_unused=True)
-    params_bar, buffers_bar = _zeros_for_none(grads[:2], targets[:2])
-    adjoint_t = (theta_bar + trainer.sum_over_ranks(params_bar), *moments_bar, buffers_bar)
-    return _result(adjoint_t, local_bar, grads[2:], wrt, split)
-
-
-def _result(
-    adjoint: tuple[Tensor, ...],
-    update_bar: dict[str, Tensor],
-    loss_bar: Sequence[Tensor | None],
-    wrt: Sequence[str],
-    split: bool,
-):
-    """A VJP's return value: z̄ through the update and through the loss, summed or apart."""
-    if split:
-        return adjoint, update_bar, {
-            name: torch.zeros_like(update_bar[name]) if e is None else e for name, e in zip(wrt, loss_bar)
-        }
-    _add(update_bar, wrt, loss_bar)
-    return adjoint, update_bar
+    params_bar, buffers_bar = zeros_for_none(grads[:2], targets[:2])
+    adjoint_t = (theta_bar + run.sum_over_ranks(params_bar), *moments_bar, buffers_bar)
+    return VJPResult(adjoint_t, update_bar, _loss_bar(wrt, graph.leaves, grads[2:]), losses)
 
 
 def double_backward_vjp(
-    trainer: Trainer,
+    run: TrainingRun,
     state: TrainState,
     local: Mapping[str, Tensor],
     wrt: Sequence[str],
     adjoint: tuple[Tensor, ...],
-) -> tuple[tuple[Tensor, ...], dict[str, Tensor]]:
-    """The oracle VJP: recompute ``g_t`` with a graph and differentiate it (``method.md`` §3.1)."""
-    return pull_back(trainer, state, grad_graph(trainer, state, local, wrt), wrt, adjoint)
+) -> VJPResult:
+    """The oracle VJP: recompute ``g_t`` with a graph and differentiate it (``method.md`` §3.1).
+
+    With micro-batches the step is recomputed and pulled back one micro-batch at a time (last
+    to first, carrying the BatchNorm statistics' adjoint between them), so its memory is that
+    of one micro-batch.
+    """
+    t = state.step
+    leaves = {
+        name: (value.detach().requires_grad_(True) if name in wrt else value.detach())
+        for name, value in local.items()
+    }
+    with torch.enable_grad():
+        inputs = run.step_inputs(t, leaves)
+    spans = run.chunks(inputs)
+    if len(spans) == 1:
+        graph = run.linearize(state, local, wrt)
+        return pull_back(run, state, graph, wrt, adjoint, graph.losses)
+    # The full gradient first (no graph), for the update's VJP.
+    grad, _, losses = run.gradient(state, _constant(inputs))
+    g_bar, theta_bar, moments_bar, update_bar = run.update_pullback(state, grad, inputs, leaves, wrt, adjoint)
+    # The BatchNorm statistics entering each micro-batch (a forward without gradients).
+    entering = [state.buffers.detach()]
+    if not run.has_buffers:
+        entering = entering * len(spans)
+    else:
+        with torch.no_grad():
+            for c, span in enumerate(spans[:-1]):
+                _, _, b = run.chunk_losses(state.params.detach(), entering[-1], _constant(inputs), t, c, span)
+                entering.append(b.detach())
+    params_bar = torch.zeros_like(state.params)
+    buffers_bar = adjoint[-1]
+    loss_bar: dict[str, Tensor] = {name: torch.zeros_like(leaves[name]) for name in wrt}
+    for c in reversed(range(len(spans))):
+        with torch.enable_grad():
+            params = state.params.detach().requires_grad_(True)
+            buffers = entering[c].detach().requires_grad_(True)
+            loss, _, new_buffers = run.chunk_losses(params, buffers, inputs, t, c, spans[c])
+            (g,) = torch.autograd.grad(loss, params, create_graph=True)
+            outputs, seeds = [g], [g_bar]
+            if new_buffers.requires_grad:
+                outputs.append(new_buffers)
+                seeds.append(buffers_bar)
+            targets = (params, buffers, *(leaves[name] for name in wrt))
+            # retain_graph: the inputs' graph to the metaparameters serves every micro-batch;
+            # each micro-batch's own graph is freed when its tensors go out of scope.
+            grads = torch.autograd.grad(outputs, targets, seeds, allow_unused=True, retain_graph=True)
+        p_bar, b_bar = zeros_for_none(grads[:2], targets[:2])
+        params_bar = params_bar + p_bar
+        buffers_bar = b_bar
+        add_into(loss_bar, wrt, grads[2:])
+    adjoint_t = (theta_bar + run.sum_over_ranks(params_bar), *moments_bar, buffers_bar)
+    return VJPResult(adjoint_t, update_bar, loss_bar, losses)
+
+
+def _constant(inputs):
+    """The same inputs with every tensor detached (no graph to the metaparameters)."""
+    from mgd.batches import tree_map
+
+    return replace(
+        inputs,
+        batch=tree_map(lambda t: t.detach(), inputs.batch),
+        example_weights=None if inputs.example_weights is None else inputs.example_weights.detach(),
+        lr=inputs.lr.detach(),
+        weight_decay=inputs.weight_decay.detach() if isinstance(inputs.weight_decay, Tensor) else inputs.weight_decay,
+    )
 
 
 class MixedModeFallback(UserWarning):
@@ -293,80 +237,86 @@ def _fall_back(reason: str) -> None:
 _NO_FORWARD_MODE: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = weakref.WeakKeyDictionary()
 
 
-def forward_mode_blocker(trainer: Trainer) -> str | None:
+def forward_mode_blocker(run: TrainingRun) -> str | None:
     """Why :func:`mixed_mode_vjp` cannot handle this run at all, or ``None``."""
-    if trainer.has_buffers:
+    if run.has_buffers:
         return "the model has BatchNorm running statistics"
-    return _NO_FORWARD_MODE.get(trainer.model)
+    return _NO_FORWARD_MODE.get(run.model)
 
 
 def mixed_mode_vjp(
-    trainer: Trainer,
+    run: TrainingRun,
     state: TrainState,
     local: Mapping[str, Tensor],
     wrt: Sequence[str],
     adjoint: tuple[Tensor, ...],
     grad: Tensor | None = None,
-    *,
-    split: bool = False,
-):
+) -> VJPResult:
     """The VJP of one step by mixed-mode differentiation (see the module docstring).
 
     Args:
         grad: ``g_t`` (summed over ranks) if the caller already has it (a replay computed
-            it); else it is recomputed. ``split``: as in :func:`pull_back`. The other
-            arguments are those of :class:`StepVJP`.
+            it); else it is recomputed. The other arguments are those of :class:`StepVJP`.
     """
-    def reverse_over_reverse(reason: str):
+    def reverse_over_reverse(reason: str) -> VJPResult:
         _fall_back(reason)
-        return pull_back(trainer, state, grad_graph(trainer, state, local, wrt), wrt, adjoint, split=split)
+        return double_backward_vjp(run, state, local, wrt, adjoint)
 
-    blocker = forward_mode_blocker(trainer)
+    blocker = forward_mode_blocker(run)
     if blocker is not None:
         return reverse_over_reverse(blocker)
     t = state.step
     params, *opt_state, buffers = state.tensors()
+    leaves = {
+        name: (value.detach().requires_grad_(True) if name in wrt else value.detach())
+        for name, value in local.items()
+    }
     with torch.enable_grad():
-        leaves = _leaves(local, wrt)
-        inputs = trainer.step_inputs(t, leaves)
-        if inputs.x.requires_grad:
-            return reverse_over_reverse("a metaparameter changes the training inputs")
-        constant = replace(
-            inputs,
-            example_weights=None if inputs.example_weights is None else inputs.example_weights.detach(),
-        )
-        if grad is None:
-            p = params.detach().requires_grad_(True)
-            loss, _ = trainer.batch_loss(p, buffers, constant, t)
-            (grad,) = torch.autograd.grad(loss, p)
-            grad = trainer.sum_over_ranks(grad)
-    # 1. The optimizer update, differentiated on its own given g (cheap: elementwise).
-    g_bar, theta_bar, moments_bar, local_bar = _update_pullback(
-        trainer, state, grad, inputs, leaves, wrt, adjoint
-    )
+        inputs = run.step_inputs(t, leaves)
+    if any(x.requires_grad for x in _leaves_of(inputs.batch)):
+        return reverse_over_reverse("a metaparameter changes the training inputs")
+    constant = _constant(inputs)
+    if grad is None:
+        grad, _, _ = run.gradient(state, constant)
+    # 1. The update (and clipping), differentiated on its own given g (cheap: elementwise).
+    g_bar, theta_bar, moments_bar, update_bar = run.update_pullback(state, grad, inputs, leaves, wrt, adjoint)
 
-    # 2. Forward-over-reverse: the gradient computation on θ + ε ḡ.
+    # 2. Forward-over-reverse, micro-batch by micro-batch: the gradient on θ + ε ḡ.
+    hvp_total, tangents, primals = None, [], []
     try:
-        with fwAD.dual_level(), torch.enable_grad():
-            p = params.detach().requires_grad_(True)
-            losses, _ = trainer.example_losses(fwAD.make_dual(p, g_bar), buffers, constant, t)
-            (dual_grad,) = torch.autograd.grad(trainer.weighted_mean(losses, constant), p, create_graph=True)
-            hvp = fwAD.unpack_dual(dual_grad).tangent
-            loss_tangents = fwAD.unpack_dual(losses).tangent  # ∇ℓ_i · ḡ
+        for c, span in enumerate(run.chunks(constant)):
+            with fwAD.dual_level(), torch.enable_grad():
+                p = params.detach().requires_grad_(True)
+                dual = fwAD.make_dual(p, g_bar)
+                loss, losses, _ = run.chunk_losses(dual, buffers, constant, t, c, span)
+                (dual_grad,) = torch.autograd.grad(loss, p, create_graph=True)
+                hvp = fwAD.unpack_dual(dual_grad).tangent
+                unpacked = fwAD.unpack_dual(losses)
+                tangents.append(unpacked.tangent)  # ∇ℓ_i · ḡ
+                primals.append(unpacked.primal.detach())
+            if hvp is not None:
+                hvp_total = hvp.detach() if hvp_total is None else hvp_total + hvp.detach()
     except (NotImplementedError, RuntimeError) as error:
         text = str(error)
         if "forward" not in text.lower() and "jvp" not in text.lower():
             raise  # not a missing forward-mode formula: a real error
         reason = f"an operation has no forward-mode derivative: {first_line(error)}"
-        _NO_FORWARD_MODE[trainer.model] = reason
+        _NO_FORWARD_MODE[run.model] = reason
         return reverse_over_reverse(reason)
-    if hvp is not None:
-        theta_bar = theta_bar + trainer.sum_over_ranks(hvp.detach())
+    if hvp_total is not None:
+        theta_bar = theta_bar + run.sum_over_ranks(hvp_total)
 
     # 3. Data weights: ∂L/∂w_i · ḡ = ∇ℓ_i·ḡ / B, chained into the metaparameters behind w.
     weights = inputs.example_weights
     extra: Sequence[Tensor | None] = [None] * len(wrt)
-    if weights is not None and weights.requires_grad and loss_tangents is not None:
-        weight_bar = loss_tangents.detach() / (constant.batch_size or len(loss_tangents))
+    if weights is not None and weights.requires_grad and all(t is not None for t in tangents):
+        weight_bar = torch.cat([t.detach() for t in tangents]) / (constant.batch_size or len(inputs.index))
         extra = torch.autograd.grad(weights, [leaves[name] for name in wrt], weight_bar, allow_unused=True)
-    return _result((theta_bar, *moments_bar, torch.zeros_like(buffers)), local_bar, extra, wrt, split)
+    adjoint_t = (theta_bar, *moments_bar, torch.zeros_like(buffers))
+    return VJPResult(adjoint_t, update_bar, _loss_bar(wrt, leaves, extra), torch.cat(primals))
+
+
+def _leaves_of(batch):
+    from mgd.batches import tree_leaves
+
+    return tree_leaves(batch)

@@ -72,7 +72,8 @@ from mgd.data import Dataset
 from mgd.descent import SignedStep, descend
 from mgd.errors import UserError
 from mgd.evaluation import mean_ci
-from mgd.metaparams import PerExample, StepInputs
+from mgd.batches import Field
+from mgd.metaparams import PerExample, RunInfo, StepInputs
 from mgd.training import Trainer
 
 __all__ = [
@@ -245,24 +246,25 @@ class PoisonInputs(PerExample):
     """``poison_inputs``: the training inputs in box coordinates, ``x = lo + (hi - lo) ⊙ u``.
 
     The value has one row per training example (shape ``(N, *input_shape)``); step ``t``
-    reads the rows of its minibatch and trains on them instead of the stored inputs. At the
+    reads the rows of its minibatch and trains on them instead of the stored inputs (the
+    batch's ``field``: position 0 of an ``(x, y)`` batch, or any float field of a user's run). At the
     default value (the stored inputs' coordinates) training is unchanged. Box coordinates
     make one signed step move every feature by the same fraction of its range.
     """
 
     name = "poison_inputs"
 
-    def __init__(self, lo: Tensor, width: Tensor):
-        self.lo, self.width = lo, width
+    def __init__(self, lo: Tensor, width: Tensor, field: Field = 0):
+        self.lo, self.width, self.field = lo, width, field
 
-    def shape(self, trainer: Trainer) -> tuple[int, ...]:
-        return tuple(trainer.x_train.shape)
+    def shape(self, run: RunInfo) -> tuple[int, ...]:
+        return tuple(run.data.field(self.field).shape)
 
-    def default(self, trainer: Trainer) -> Tensor:
-        return (trainer.x_train - self.lo) / self.width
+    def default(self, run: RunInfo) -> Tensor:
+        return (run.data.field(self.field) - self.lo) / self.width
 
-    def apply(self, local: Tensor, inputs: StepInputs, step: int, trainer: Trainer) -> StepInputs:
-        return replace(inputs, x=self.lo + self.width * local)
+    def apply(self, local: Tensor, inputs: StepInputs, step: int, run: RunInfo) -> StepInputs:
+        return inputs.with_field(self.field, self.lo + self.width * local)
 
 
 @dataclass(frozen=True)

@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 import time
 from typing import Callable, Mapping, Sequence
 
@@ -425,10 +426,8 @@ def hd_run(problem: Problem, *, alpha0: float, beta: float, lr_floor: float = 1e
     for t in range(trainer.steps):
         with torch.no_grad():
             inputs = trainer.step_inputs(t, trainer.local_meta(meta, t))
-        params = state.params.detach().requires_grad_(True)
-        with torch.enable_grad():
-            loss, new_buffers = trainer.batch_loss(params, state.buffers, inputs, t)
-            (grad,) = torch.autograd.grad(loss, params)
+        # The run's own gradient (micro-batches, ranks), then its update at SGD-HD's LR.
+        grad, new_buffers, _ = trainer.gradient(state, inputs)
         with torch.no_grad():
             weight_decay = float(inputs.weight_decay)
             full_grad = grad + weight_decay * state.params if weight_decay else grad
@@ -437,13 +436,11 @@ def hd_run(problem: Problem, *, alpha0: float, beta: float, lr_floor: float = 1e
             if not math.isfinite(alpha):
                 return state, np.asarray(trace), False
             lr = alpha * float(inputs.lr) / trainer.lr  # warm-up / fixed multipliers
-            new_params, new_opt = trainer.optimizer.update(
-                grad, state.params, state.opt_state, step=t, lr=lr, weight_decay=inputs.weight_decay
-            )
-            direction = (state.params - new_params) / lr
+        new_state = trainer.update(state, grad, replace(inputs, lr=torch.tensor(lr, dtype=trainer.dtype)), new_buffers)
+        direction = (state.params - new_state.params) / lr
         trace.append(alpha)
-        state = TrainState(new_params, tuple(new_opt), new_buffers.detach(), t + 1)
-        if not torch.isfinite(new_params).all():
+        state = new_state
+        if not torch.isfinite(state.params).all():
             return state, np.asarray(trace), False
     return state, np.asarray(trace), True
 

@@ -569,7 +569,9 @@ def _head_and_features(problem: Problem, state, x: Tensor) -> tuple[Tensor, Tens
     name, head = linears[-1]
     scale = float(getattr(model[-1], "factor", 1.0)) if isinstance(model, torch.nn.Sequential) else 1.0
     captured = []
-    handle = head.register_forward_hook(lambda module, args, output: captured.append(args[0].detach()))
+    # on the run's private copy of the model, which is what evaluation runs
+    copy_head = problem.trainer.stateless.module.get_submodule(name)
+    handle = copy_head.register_forward_hook(lambda module, args, output: captured.append(args[0].detach()))
     try:
         problem.trainer.predict(state.params.detach(), state.buffers.detach(), x)
     finally:
