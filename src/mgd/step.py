@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import math
 import threading
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator, Mapping, Sequence, Union
@@ -67,7 +68,7 @@ from mgd.stateless import StatelessModel, Trainable
 
 __all__ = [
     "TrainState", "TrainingRun", "GradGraph", "StepResult", "make_run", "math_attention",
-    "clip_by_global_norm", "clip_vjp",
+    "clip_by_global_norm", "clip_vjp", "refuse_tf32", "second_backward",
 ]
 
 Schedule = Callable[[int, int], float]
@@ -208,6 +209,18 @@ def clip_vjp(grad: Tensor, clipped_bar: Tensor, max_norm: float) -> Tensor:
     return coef * clipped_bar - (max_norm * inner / ((norm + CLIP_EPS) ** 2 * norm)) * grad
 
 
+def refuse_tf32(device: torch.device, dtype: torch.dtype) -> None:
+    """Refuse float32 on CUDA with TF32 on: products would round to 10-bit mantissas."""
+    if device.type == "cuda" and dtype == torch.float32 and (
+        torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32
+    ):
+        raise UserError(
+            "TF32 is on: float32 matrix products and convolutions would round to 10-bit "
+            "mantissas, so metagradients are not exact; set torch.backends.cuda.matmul."
+            "allow_tf32 = False and torch.backends.cudnn.allow_tf32 = False"
+        )
+
+
 def _inputs_convention(inputs) -> Callable[[Batch], tuple[tuple, dict]]:
     if inputs is None:
         return model_inputs
@@ -322,14 +335,7 @@ class TrainingRun:
             raise UserError(
                 f"batch size must be between 1 and the training-set size {len(self.data)}, got {self.batch_size}"
             )
-        if self.device.type == "cuda" and self.dtype == torch.float32 and (
-            torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32
-        ):
-            raise UserError(
-                "TF32 is on: float32 matrix products and convolutions would round to 10-bit "
-                "mantissas, so metagradients are not exact; set torch.backends.cuda.matmul."
-                "allow_tf32 = False and torch.backends.cudnn.allow_tf32 = False"
-            )
+        refuse_tf32(self.device, self.dtype)
         if self.collective.world_size > 1:
             if self.stateless.has_buffers:
                 raise UserError(
@@ -553,7 +559,7 @@ class TrainingRun:
             grad, new_buffers, losses = None, buffers, []
             for c, span in enumerate(self.chunks(inputs)):
                 loss, chunk_losses, new_buffers = self.chunk_losses(params, new_buffers, inputs, t, c, span)
-                (g,) = _second_order_grad(loss, params)
+                (g,) = _second_order_grad(loss, params, self.stateless.module)
                 grad = g if grad is None else grad + g
                 losses.append(chunk_losses.detach())
         full_grad = self.sum_over_ranks(grad.detach())
@@ -575,7 +581,7 @@ class TrainingRun:
         grad, new_buffers = None, buffers
         for c, span in enumerate(self.chunks(inputs)):
             loss, _, new_buffers = self.chunk_losses(params, new_buffers, inputs, step, c, span)
-            (g,) = _second_order_grad(loss, params)
+            (g,) = _second_order_grad(loss, params, self.stateless.module)
             grad = g if grad is None else grad + g
         if self.clip_norm is not None:
             grad = clip_by_global_norm(grad, self.clip_norm)
@@ -686,19 +692,59 @@ class TrainingRun:
         return g_bar, theta_bar, moments_bar, local_bar
 
 
-def _second_order_grad(loss: Tensor, params: Tensor) -> tuple[Tensor, ...]:
-    """``∇ loss`` with ``create_graph=True``, with a clear error for kernels that cannot."""
+_NO_DOUBLE_BACKWARD = (
+    "metagradients differentiate each step twice: use a differentiable implementation (for "
+    "attention: the math backend, or attn_implementation='eager' in transformers)"
+)
+
+
+def once_differentiable_function(loss: Tensor) -> str | None:
+    """The name of a custom ``autograd.Function`` in ``loss``'s graph whose backward is
+    ``@once_differentiable`` (its gradient carries no graph: a second derivative through it
+    would silently be zero), or ``None``."""
+    seen, stack = set(), [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        forward_cls = getattr(node, "_forward_cls", None)
+        code = getattr(getattr(forward_cls, "backward", None), "__code__", None)
+        if code is not None and "once_differentiable" in getattr(code, "co_qualname", code.co_name):
+            return forward_cls.__name__
+        stack.extend(next_fn for next_fn, _ in node.next_functions)
+    return None
+
+
+def second_backward(outputs, inputs, grad_outputs, **options):
+    """``torch.autograd.grad`` through a recorded gradient, with a clear error for
+    operations whose backward has no derivative (fused attention kernels, ...)."""
     try:
-        return torch.autograd.grad(loss, params, create_graph=True)
+        return torch.autograd.grad(outputs, inputs, grad_outputs, **options)
     except RuntimeError as error:
         text = str(error)
-        if "derivative for" in text and "not implemented" in text:
-            raise UserError(
-                f"an operation in the model has no double backward ({text.splitlines()[0]}); "
-                "metagradients differentiate each step twice: use a differentiable implementation "
-                "(for attention: the math backend, or attn_implementation='eager' in transformers)"
-            ) from None
+        if ("derivative for" in text and "not implemented" in text) or "differentiate twice" in text:
+            raise UserError(f"an operation in the model has no double backward ({text.splitlines()[0]}); "
+                            + _NO_DOUBLE_BACKWARD) from None
         raise
+
+
+_CHECKED_GRAPHS: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+
+
+def _second_order_grad(loss: Tensor, params: Tensor, model: nn.Module | None = None) -> tuple[Tensor, ...]:
+    """``∇ loss`` with ``create_graph=True``, refusing graphs a second backward cannot walk
+    (the graph is inspected once per ``model``)."""
+    if model is None or model not in _CHECKED_GRAPHS:
+        blocker = once_differentiable_function(loss)
+        if blocker is not None:
+            raise UserError(
+                f"the autograd.Function {blocker} in the model has no double backward (it is "
+                "@once_differentiable); " + _NO_DOUBLE_BACKWARD
+            )
+        if model is not None:
+            _CHECKED_GRAPHS.add(model)
+    return second_backward(loss, params, None, create_graph=True)
 
 
 def _detached(value):

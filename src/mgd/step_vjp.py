@@ -55,7 +55,7 @@ from torch import Tensor
 
 from mgd.distributed import first_line
 from mgd.errors import UserError
-from mgd.step import GradGraph, TrainingRun, TrainState, add_into, zeros_for_none
+from mgd.step import _second_order_grad, GradGraph, TrainingRun, TrainState, add_into, second_backward, zeros_for_none
 
 __all__ = [
     "StepVJP", "VJPResult", "GradGraph", "pull_back", "double_backward_vjp", "mixed_mode_vjp", "MixedModeFallback",
@@ -135,7 +135,7 @@ def pull_back(
         outputs.append(graph.new_buffers)
         seeds.append(adjoint[-1])
     targets = (graph.params, graph.buffers, *(graph.leaves[name] for name in wrt))
-    grads = torch.autograd.grad(outputs, targets, seeds, allow_unused=True)
+    grads = second_backward(outputs, targets, seeds, allow_unused=True)
     params_bar, buffers_bar = zeros_for_none(grads[:2], targets[:2])
     adjoint_t = (theta_bar + run.sum_over_ranks(params_bar), *moments_bar, buffers_bar)
     return VJPResult(adjoint_t, update_bar, _loss_bar(wrt, graph.leaves, grads[2:]), losses)
@@ -185,7 +185,7 @@ def double_backward_vjp(
             params = state.params.detach().requires_grad_(True)
             buffers = entering[c].detach().requires_grad_(True)
             loss, _, new_buffers = run.chunk_losses(params, buffers, inputs, t, c, spans[c])
-            (g,) = torch.autograd.grad(loss, params, create_graph=True)
+            (g,) = _second_order_grad(loss, params, run.stateless.module)
             outputs, seeds = [g], [g_bar]
             if new_buffers.requires_grad:
                 outputs.append(new_buffers)
@@ -193,7 +193,7 @@ def double_backward_vjp(
             targets = (params, buffers, *(leaves[name] for name in wrt))
             # retain_graph: the inputs' graph to the metaparameters serves every micro-batch;
             # each micro-batch's own graph is freed when its tensors go out of scope.
-            grads = torch.autograd.grad(outputs, targets, seeds, allow_unused=True, retain_graph=True)
+            grads = second_backward(outputs, targets, seeds, allow_unused=True, retain_graph=True)
         p_bar, b_bar = zeros_for_none(grads[:2], targets[:2])
         params_bar = params_bar + p_bar
         buffers_bar = b_bar

@@ -53,6 +53,40 @@ def seed_list(text: str) -> list[int]:
     return seeds
 
 
+_GIVEN = "_given_flags"
+
+
+def _recording(base: type) -> type:
+    """``base`` (an argparse action class) that also notes on the namespace that it ran."""
+
+    class Recording(base):  # type: ignore[misc, valid-type]
+        def __call__(self, parser, namespace, values, option_string=None):
+            super().__call__(parser, namespace, values, option_string)
+            setattr(namespace, _GIVEN, getattr(namespace, _GIVEN, frozenset()) | {self.dest})
+
+    Recording.__name__ = f"Recording{base.__name__}"
+    return Recording
+
+
+_RECORDING_STORE = _recording(argparse._StoreAction)
+_RECORDING_ACTIONS = {None: _RECORDING_STORE, "store": _RECORDING_STORE,
+                      "store_true": _recording(argparse._StoreTrueAction)}
+
+
+def track_given_flags(parser: argparse.ArgumentParser) -> None:
+    """Make the flags added to ``parser`` from now on remember being given (:func:`given_flags`).
+
+    A flag given with its default value counts as given; one left out does not.
+    """
+    for name, action in _RECORDING_ACTIONS.items():
+        parser.register("action", name, action)
+
+
+def given_flags(args: argparse.Namespace) -> frozenset[str]:
+    """The destinations of the flags given on the command line (see :func:`track_given_flags`)."""
+    return getattr(args, _GIVEN, frozenset())
+
+
 def add_run_flags(parser: argparse.ArgumentParser) -> None:
     """The flags that define a training run (one per :class:`RunConfig` field)."""
     defaults = RunConfig()
