@@ -15,5 +15,9 @@ test: install
 	$(PYTHON) -m pytest -q
 
 bench: install
-	$(PYTHON) -m pip install -q -e ".[bench]"   # the peers: higher, TorchOpt
+	$(PYTHON) -m pip install -q -e ".[bench,hf]"   # the peers: higher, TorchOpt
+	# bergson beside our torch: --no-deps, then what bergson.magic imports (peers.md §5)
+	$(PYTHON) -m pip install -q --no-deps bergson==2.5.1
+	$(PYTHON) -m pip install -q datasets simple-parsing ml_dtypes petname jaxtyping optree graphviz scipy
 	$(PYTHON) benchmarks/bench_grad.py --markdown --out bench-results.json
+	$(PYTHON) benchmarks/bench_runs.py --markdown --out bench-runs.json

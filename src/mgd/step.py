@@ -268,6 +268,9 @@ class TrainingRun:
         collective: data parallelism (:mod:`mgd.distributed`); default one process.
         collate_fn: for a ``Dataset``: examples → batch (default
             :func:`mgd.batches.default_collate`).
+        batch_order: ``step -> indices`` of that step's minibatch, a pure function of the step
+            (default :class:`~mgd.batches.BatchOrder`: seeded epoch permutations); e.g. to
+            reproduce another library's sampler.
 
     Raises:
         UserError: for bad settings (see each argument), a model in half precision, TF32 on,
@@ -297,6 +300,7 @@ class TrainingRun:
         metaparams: Mapping[str, MetaParam] | Sequence = (),
         collective: Collective = SINGLE_PROCESS,
         collate_fn: Callable | None = None,
+        batch_order: Callable[[int], Tensor] | None = None,
     ):
         self.model = model
         self.stateless = StatelessModel(model, trainable)
@@ -313,6 +317,7 @@ class TrainingRun:
         self.collective = collective
         self._validate()
         self.order = BatchOrder(len(self.data), self.batch_size, self.seed, device=self.device)
+        self._batch_order = batch_order
         self.metaparams = resolve_metaparams(metaparams)
         self.info = RunInfo(self.steps, len(self.data), self.dtype, self.device, self.lr, self.weight_decay, self.data)
         if isinstance(self.data, DatasetData):
@@ -393,6 +398,13 @@ class TrainingRun:
     # ----------------------------------------------------------------------------- data
     def batch_indices(self, step: int) -> Tensor:
         """Indices of the minibatch of ``step``: a pure function of ``(seed, step)``."""
+        if self._batch_order is not None:
+            index = torch.as_tensor(self._batch_order(step), dtype=torch.long, device=self.device)
+            if index.dim() != 1 or len(index) != self.batch_size:
+                raise UserError(f"batch_order({step}) must give {self.batch_size} indices, got shape {tuple(index.shape)}")
+            if len(index) and (int(index.min()) < 0 or int(index.max()) >= len(self.data)):
+                raise UserError(f"batch_order({step}) indexes past the {len(self.data)} training examples")
+            return index
         return self.order.indices(step)
 
     def shard_indices(self, step: int) -> Tensor:

@@ -14,14 +14,13 @@ from mgd.cli.common import (
     add_distributed_flags,
     add_plan_flags,
     add_run_flags,
-    collective_from_args,
-    config_from_args,
     configure_torch,
     meta_files,
     progress_bars,
+    track_given_flags,
 )
-from mgd.config import CLI_METAPARAMS, build_problem
-from mgd.errors import check_choices
+from mgd.cli.task import add_task_flag, meta_names, subject_from_args
+from mgd.config import CLI_METAPARAMS
 from mgd.io import write_json, write_npz
 from mgd.replay import MODES, metagradient
 
@@ -31,13 +30,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "grad",
         help="compute the exact metagradient of the validation loss",
         description="Train, then run the REPLAY reverse pass: writes OUT/result.json (val loss, "
-        "timing, peak memory, replay plan) and OUT/metagrad.npz (one array per metaparameter).",
+        "timing, peak memory, replay plan; with --task: the task's validation objective and "
+        "metrics) and OUT/metagrad.npz (one array per metaparameter).",
     )
+    track_given_flags(parser)
+    add_task_flag(parser)
     add_run_flags(parser)
     r = parser.add_argument_group("metagradient")
     r.add_argument("--meta", default="lr,data_weights",
                    help=f"comma-separated metaparameters to differentiate, from {', '.join(CLI_METAPARAMS)} "
-                        "(default: %(default)s)")
+                        "(default: %(default)s; with --task: kinds of the task's run, default all of them)")
     r.add_argument("--mode", choices=MODES, default="replay",
                    help="replay: lazy k-ary checkpoint tree; unrolled: store every state (default: %(default)s)")
     add_plan_flags(r)
@@ -46,46 +48,34 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
-def parse_meta(text: str) -> list[str]:
-    return check_choices(text.split(","), CLI_METAPARAMS, "--meta")
-
-
 def run(args: argparse.Namespace) -> int:
-    wrt = parse_meta(args.meta)
     configure_torch(args)
-    config = config_from_args(args)
-    collective = collective_from_args(args)
-    problem = build_problem(config, collective=collective)
-    meta = problem.load_meta_files(meta_files(args))
-    totals = {"forward": config.steps, "reverse": config.steps}
+    subject = subject_from_args(args, command="mgd grad")
+    wrt = meta_names(args, subject.run)
+    collective = subject.collective
+    steps = subject.run.steps
     # Under torchrun every rank computes; only rank 0 shows progress and writes outputs.
-    with progress_bars(totals, enabled=not args.quiet and collective.is_main) as progress:
+    with progress_bars({"forward": steps, "reverse": steps}, enabled=not args.quiet and collective.is_main) as progress:
         started = time.perf_counter()
         with peak_memory() as memory:
             result = metagradient(
-                problem.trainer, problem.val_objective(), meta, wrt=wrt, mode=args.mode,
+                subject.run, subject.objective, subject.meta, wrt=wrt, mode=args.mode,
                 k=args.replay_k, memory_budget=args.memory_budget, vjp=args.vjp, progress=progress,
             )
         seconds = time.perf_counter() - started
-    metrics = problem.evaluate(result.final_state)
     grads = {name: g.detach().cpu().double().numpy() for name, g in result.grads.items()}
     summary = {
-        "val_loss": result.value,
-        "val_accuracy": metrics["val_accuracy"],
-        "test_accuracy": metrics["test_accuracy"],
+        **subject.evaluate(result.final_state, result.value),
         "metagrad_norms": {name: float(np.linalg.norm(g)) for name, g in grads.items()},
         "mode": args.mode,
         "plan": {**result.plan.to_dict(), "vjp": args.vjp, **result.memory,
                  "planned_memory_mb": result.memory["planned_peak_bytes"] / 2**20},
         "timing": {**result.timings, "total_s": seconds},
         "peak_memory_mb": memory.extra_mb,
-        "config": config.to_dict(),
+        **subject.record,
         "threads": args.threads,
-        "distributed": collective.describe(),
         "meta": wrt,
         "meta_files": meta_files(args),
-        "dataset": problem.dataset.summary(),
-        "num_params": problem.trainer.num_params,
         "mgd_version": __version__,
     }
     if not collective.is_main:
@@ -101,8 +91,12 @@ def run(args: argparse.Namespace) -> int:
 def describe(summary: dict, grads: dict[str, np.ndarray]) -> str:
     """A short human summary of a metagradient."""
     plan = summary["plan"]
+    if "val_loss" in summary:
+        head = f"val loss {summary['val_loss']:.4f} (val acc {summary['val_accuracy']:.4f})"
+    else:  # a task
+        head = f"val objective {summary['val_objective']:.4f}"
     lines = [
-        f"val loss {summary['val_loss']:.4f} (val acc {summary['val_accuracy']:.4f}) after "
+        f"{head} after "
         f"{plan['steps']} steps; metagradient in {summary['timing']['total_s']:.2f}s, "
         f"k={plan['k']}, {plan['max_live_checkpoints']} checkpoints, "
         f"{plan['max_live_graphs']} kept step graphs, {plan['extra_passes']:.2f} extra passes, "

@@ -13,17 +13,14 @@ from mgd.cli.common import (
     add_run_dir_flags,
     add_replay_k_flag,
     add_run_flags,
-    collective_from_args,
-    config_from_args,
     configure_torch,
     meta_files,
     positive_float,
     progress_bars,
     seed_list,
+    track_given_flags,
 )
-from mgd.cli.grad import parse_meta
-from mgd.config import build_problem
-from mgd.data import load_dataset
+from mgd.cli.task import PRESET_METRICS, add_task_flag, meta_names, subject_from_args
 from mgd.descent import (
     Box,
     Chain,
@@ -37,11 +34,11 @@ from mgd.descent import (
     state_to_arrays,
 )
 from mgd.errors import UserError
-from mgd.evaluation import paired_difference, retrain_and_evaluate, summarize
+from mgd.evaluation import paired_difference, summarize
 from mgd.plots import plot_progress
 from mgd.runs import RunDirectory
 
-METRICS = ("val_loss", "val_accuracy", "test_loss", "test_accuracy")
+METRICS = PRESET_METRICS
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -52,11 +49,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "take a projected meta-step; crafting seeds rotate. Writes a resumable run directory "
         "(run.json, history.jsonl, iterates/, state.npz, result.json, meta.npz, progress.png). The chosen "
         "iterate is the best on validation; it and the start are then retrained on fresh "
-        "evaluation seeds and reported on the test split.",
+        "evaluation seeds and reported on the test split. With --task the task function is "
+        "called with seed= for every crafting and evaluation seed, and as there is no test "
+        "split the retrained runs are reported on the task's validation objective and metrics "
+        "(the objective MGD optimised, so not a held-out number; add a held-out metric to "
+        "Task.metrics for one).",
     )
+    track_given_flags(parser)
+    add_task_flag(parser, reseeded=True)
     add_run_flags(parser)
     o = parser.add_argument_group("metagradient descent")
-    o.add_argument("--meta", default="data_weights", help="metaparameters to optimise (default: %(default)s)")
+    o.add_argument("--meta", default="data_weights",
+                   help="metaparameters to optimise (default: %(default)s; with --task: kinds of the "
+                        "task's run, default all of them)")
     o.add_argument("--meta-steps", type=int, default=20, help="meta-steps (default: %(default)s)")
     o.add_argument("--meta-optimizer", choices=("sign", "adam"), default="sign",
                    help="signed steps (with an optional coordinate mask) or Adam (default: %(default)s)")
@@ -141,18 +146,16 @@ def _projection(name: str, start: torch.Tensor, options: dict):
 
 
 def run(args: argparse.Namespace) -> int:
-    names = parse_meta(args.meta)
     configure_torch(args)
-    config = config_from_args(args)
+    subject = subject_from_args(args, reseeded=True, command="mgd optimize")
+    names = meta_names(args, subject.run)
     options = _options(args, names)
-    collective = collective_from_args(args)
+    collective = subject.collective
     # The world size and backend are part of what defines the run: a resume must match them.
-    run_config = {"run": config.to_dict(), "mgd": options, "distributed": collective.describe()}
+    run_config = {**subject.identity(), "mgd": options}
     run_dir = _open_on_rank_zero(collective, args, run_config)
 
-    dataset = load_dataset(config.dataset)
-    base = build_problem(config, dataset=dataset)
-    start = base.load_meta_files(meta_files(args))
+    start = subject.meta
     z0 = {name: start[name] for name in names}
     fixed = {name: v for name, v in start.items() if name not in names}
     projections = {}
@@ -162,28 +165,13 @@ def run(args: argparse.Namespace) -> int:
             projection.check(z0[name])
             projections[name] = projection
     optimizer = (
-        SignedStep(options["meta_lr"], options["mask_prob"], mask_seed=config.seed)
+        SignedStep(options["meta_lr"], options["mask_prob"], mask_seed=subject.run.seed)
         if options["meta_optimizer"] == "sign"
         else MetaAdam(options["meta_lr"])
     )
 
-    def make_trainer(seed: int):
-        problem = build_problem(
-            type(config)(**{**config.to_dict(), "seed": seed}), dataset=dataset, collective=collective
-        )
-        return problem.trainer, problem.val_objective()
-
     def make_full(z):
         return {**fixed, **z}
-
-    def diagnostics(z) -> dict:
-        if base.corrupted is None or "data_weights" not in z:
-            return {}
-        w = z["data_weights"].detach().cpu().numpy()
-        return {  # ground truth read for reporting only; nothing above uses it
-            "mean_weight_corrupted": float(w[base.corrupted].mean()),
-            "mean_weight_clean": float(w[~base.corrupted].mean()),
-        }
 
     state = None
     # Rank 0 reads the saved state and hands it to the others (they never touch the directory).
@@ -207,7 +195,7 @@ def run(args: argparse.Namespace) -> int:
         if progress is not None and state is not None:
             progress("meta", state.step)
         state = descend(
-            make_trainer,
+            subject.reseeded,
             z0,
             fixed=fixed,
             optimizer=optimizer,
@@ -218,14 +206,15 @@ def run(args: argparse.Namespace) -> int:
             k=options["replay_k"],
             state=state,
             on_step=on_step,
-            diagnostics=diagnostics,
+            diagnostics=subject.diagnostics,
             progress=progress,
         )
 
     # Final evaluation: retrain the start and the chosen iterate on fresh seeds; test read here.
-    spread = {"workers": args.eval_workers, "collective": collective}
-    start_eval = retrain_and_evaluate(config, dataset, make_full(z0), options["eval_seeds"], **spread)
-    best_eval = retrain_and_evaluate(config, dataset, make_full(state.best_z), options["eval_seeds"], **spread)
+    # (With --task: the task function with each evaluation seed, on its objective and metrics.)
+    start_eval = subject.retrain(make_full(z0), options["eval_seeds"], workers=args.eval_workers)
+    best_eval = subject.retrain(make_full(state.best_z), options["eval_seeds"], workers=args.eval_workers)
+    metrics = subject.metrics
     if run_dir is None:
         return 0
     history = run_dir.history()
@@ -235,10 +224,11 @@ def run(args: argparse.Namespace) -> int:
         "val_objective_by_step": [r["val_objective"] for r in history],
         "evaluation": {
             "seeds": options["eval_seeds"],
-            "start": summarize(start_eval, METRICS),
-            "best": summarize(best_eval, METRICS),
-            "best_minus_start": {key: paired_difference(best_eval, start_eval, key) for key in METRICS},
+            "start": summarize(start_eval, metrics),
+            "best": summarize(best_eval, metrics),
+            "best_minus_start": {key: paired_difference(best_eval, start_eval, key) for key in metrics},
             "per_seed": {"start": start_eval, "best": best_eval},
+            **({"note": subject.evaluation_note} if subject.evaluation_note else {}),
         },
         "config": run_config,
         "mgd_version": __version__,
@@ -263,9 +253,10 @@ def describe(result: dict) -> str:
     lines = [
         f"validation objective: {values[0]:.4f} at the start, best {result['best_val_objective']:.4f} "
         f"at meta-step {result['best_step']} of {len(values) - 1}",
-        f"retrained on {len(ev['seeds'])} fresh seeds (mean ± 95% CI):",
+        f"retrained on {len(ev['seeds'])} fresh seeds (mean ± 95% CI"
+        + ("; no test split: the task's objective and metrics" if "note" in ev else "") + "):",
     ]
-    for key in METRICS:
+    for key in ev["start"]:
         s, b, d = ev["start"][key], ev["best"][key], ev["best_minus_start"][key]
         lines.append(
             f"  {key:<14} start {s['mean']:.4f} ± {s['ci']:.4f}   chosen {b['mean']:.4f} ± {b['ci']:.4f}"

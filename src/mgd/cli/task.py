@@ -310,7 +310,8 @@ class TaskSubject(Subject):
         return evaluate_task(self.task, final, value)
 
     def identity(self) -> dict:
-        return dict(self.record)
+        # the file by absolute path (a resume may start elsewhere) and by content
+        return {**self.record, "task": f"{os.path.abspath(self.builder.path)}:{self.builder.name}"}
 
     def reseeded(self, seed: int) -> tuple[TrainingRun, Callable]:
         task = self.builder(**{**self.options, "seed": seed})
