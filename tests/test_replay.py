@@ -100,8 +100,8 @@ def test_bad_k_and_mode_are_user_errors(digits):
 def test_engine_follows_the_plan_and_replays_bit_identical_states(digits, T, k):
     trainer, objective = tiny_problem(digits, mgd.Adam(), steps=T, lr=0.01)
     trace = ReplayTrace(keep_states=True)
-    mgd.metagradient(trainer, objective, k=k, trace=trace)
-    plan = ReplayPlan.build(T, k)
+    mgd.metagradient(trainer, objective, k=k, trace=trace)  # vjp="fused"
+    plan = ReplayPlan.build(T, k, fused=True)
     assert [t for kind, t in trace.events if kind == "vjp"] == list(range(T - 1, -1, -1))
     assert sum(kind == "replay" for kind, _ in trace.events) == plan.replayed_steps
     assert trace.max_live_checkpoints == plan.max_live_checkpoints <= (k - 1) * _depth(T, k) + 1

@@ -105,6 +105,11 @@ class Replay:
 
     ``leaf``: the stored states are those of consecutive steps whose VJPs come next (the
     bottom of the tree), so the replay may keep each step's graph for its VJP.
+
+    NOTE [leaf replays]: a fused leaf replay also runs step ``stop`` itself, whose state
+    ``s_{stop+1}`` is not needed (it is checked against the forward pass and dropped), so
+    that every VJP of the segment finds its graph and none recomputes its step: one step
+    more per segment instead of a recomputation at the VJP. :class:`ReplayPlan` counts it.
     """
 
     start: int
@@ -267,9 +272,11 @@ class ReplayPlan:
             if isinstance(op, Forward):
                 live = 1 + len(op.store)
             elif isinstance(op, Replay):
-                replayed += op.stop - op.start
+                # A fused leaf replay also linearizes its last step (NOTE [leaf replays]).
+                stop = op.stop + 1 if fused and op.leaf else op.stop
+                replayed += stop - op.start
                 store = set(op.store)
-                for t in range(op.start, op.stop):
+                for t in range(op.start, stop):
                     if fused and op.leaf:
                         with_graph.add(t)
                         graphs += 1
@@ -662,7 +669,9 @@ def _metagradient(run, objective, values, wrt, mode, k, vjp, horizon, memory_bud
     partial = {name: torch.zeros_like(values[name]) for name in wrt} if split else {}
     for op in ops:
         if isinstance(op, Replay):
-            run_forward(checkpoints[op.start], op.stop, op.store, "replay", leaf=op.leaf)
+            # NOTE [leaf replays]: kept work for the segment's last step too
+            extend = op.leaf and fused and op.stop >= first_step
+            run_forward(checkpoints[op.start], op.stop + extend, op.store, "replay", leaf=op.leaf)
         elif isinstance(op, VJP):
             if op.step < first_step:
                 # VJPs come in order T-1 .. 0: everything left is before the horizon.
