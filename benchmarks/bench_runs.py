@@ -329,8 +329,7 @@ def build_lm(optimizer: str, steps: int, lora: bool) -> tuple[Any, Any, dict[str
     model = add_lora(problem.model) if lora else problem.model
     run, objective = lm_run(model, problem, optimizer, steps)
     state = run.init_state()
-    info: dict[str, Any] = {"source": "peer_bergson.make_problem", "num_params": run.num_params,
-                            "state_bytes": state.nbytes()}
+    info: dict[str, Any] = {"source": "peer_bergson.make_problem", "state_bytes": state.nbytes()}
     if lora:
         adapter = sum(p.numel() for p in model.parameters() if p.requires_grad)
         moments = len(state.opt_state)
@@ -351,8 +350,12 @@ def build_problem(task: dict[str, Any], steps: int) -> tuple[Any, Any, dict[str,
     """``(run, objective, info)`` for the task's problem and optimizer at horizon ``steps``."""
     problem = task["problem"]
     if problem == "cnn":
-        return build_cnn(steps, task["smoke"], task["cnn_source"], task["cnn_width"])
-    return build_lm(task["optimizer"], steps, lora=problem == "lm-lora")
+        run, objective, info = build_cnn(steps, task["smoke"], task["cnn_source"], task["cnn_width"])
+    else:
+        run, objective, info = build_lm(task["optimizer"], steps, lora=problem == "lm-lora")
+    info.setdefault("num_params", run.num_params)
+    info.setdefault("state_bytes", run.init_state().nbytes())
+    return run, objective, info
 
 
 # ------------------------------------------------------------------------------- methods
@@ -681,10 +684,11 @@ def _notes_cell(row: dict[str, Any]) -> str:
         return (f"state {_bytes(info['state_bytes'])} {same} adapter {info['adapter_params']} "
                 f"params + {info['optimizer_moments']} moments; full model "
                 f"{_bytes(info['full_model_state_bytes'])}")
-    text = f"state {_bytes(info.get('state_bytes'))}" if info.get("state_bytes") else ""
-    if row["problem"] == "cnn" and info.get("source", "").startswith("examples/"):
-        text = (text + "; " if text else "") + "examples/cifar_resnet.py"
-    return text or "-"
+    text = f"{info.get('num_params', '?')} params, state {_bytes(info.get('state_bytes'))}"
+    if row["problem"] == "cnn":
+        text += "; " + ("examples/cifar_resnet.py" if info.get("source", "").startswith("examples/")
+                        else "built-in resnet9")
+    return text
 
 
 def table_rows(rows: list[dict[str, Any]]) -> list[tuple[str, ...]]:

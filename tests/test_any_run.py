@@ -487,3 +487,88 @@ def test_tf32_is_refused_on_cuda():
         refuse_tf32(torch.device("cpu"), torch.float32)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+# ------------------------------------------------------------------------------- transformers
+
+
+def _tiny_gpt2(dropout=0.0, seed=0):
+    transformers = pytest.importorskip("transformers")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    config = transformers.GPT2Config(
+        n_layer=1, n_head=2, n_embd=16, vocab_size=32, n_positions=12, bos_token_id=0, eos_token_id=0,
+        resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = transformers.GPT2LMHeadModel(config)
+    return model.to(DTYPE)
+
+
+def _token_data(n=24, length=12, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 32, (n, length), generator=g)
+    mask = torch.ones_like(ids)
+    mask[::3, length - 4 :] = 0  # padded documents
+    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+
+def test_gpt2_with_tied_embeddings_matches_torch_optim_and_finite_differences():
+    model = _tiny_gpt2()
+    assert model.lm_head.weight is model.transformer.wte.weight  # the transformers default
+    data, val = _token_data(), _token_data(8, seed=2)
+    run = mgd.make_run(model, optimizer=mgd.SGD(momentum=0.9), data=data, steps=6, batch_size=6, lr=0.3,
+                       loss=mgd.losses.causal_lm(), metaparams=["data_weights", "lr"])
+    assert run.num_params == sum(p.numel() for p in model.parameters())  # the tied matrix once
+    objective = mgd.Objective(run.stateless, val, loss=mgd.losses.causal_lm(), batch_size=4)
+    final = run.run()
+    ours = float(objective(run.named_tensors(final.params, final.buffers)))
+
+    # torch.optim on a copy: one parameter, one momentum buffer, the sum of both uses' gradients
+    reference = copy.deepcopy(model)
+    opt = torch.optim.SGD(reference.parameters(), lr=0.3, momentum=0.9)
+    loss = mgd.losses.causal_lm()
+    for t in range(run.steps):
+        index = run.batch_indices(t)
+        batch = {k: v[index] for k, v in data.items()}
+        opt.zero_grad()
+        out = reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        loss(out, batch).mean().backward()
+        opt.step()
+    reference.eval()
+    with torch.no_grad():
+        expected = float(loss(reference(input_ids=val["input_ids"], attention_mask=val["attention_mask"]), val).mean())
+    assert ours == pytest.approx(expected, rel=1e-10)
+
+    result = mgd.metagradient(run, objective)
+    for key in ("data_weights", "lr"):
+        assert fd_error(run, objective, result.grads, key) <= 1e-6, key
+
+
+def test_gpt2_with_dropout_and_lora_replays_exactly():
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(
+        _tiny_gpt2(dropout=0.1),
+        peft.LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn"], lora_dropout=0.1, fan_in_fan_out=True),
+    )
+    base = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    adapter = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    data, val = _token_data(), _token_data(8, seed=2)
+    run = mgd.make_run(model, optimizer=mgd.Adam(decoupled=True), data=data, steps=5, batch_size=6, lr=1e-2,
+                       weight_decay=0.1, loss=mgd.losses.causal_lm(), clip_norm=1.0, micro_batch=4,
+                       schedule=mgd.schedules.warmup_cosine(2), metaparams=["data_weights", "lr"])
+    assert run.num_params == adapter
+    assert run.init_state().nbytes() == 3 * adapter * 8  # adapter and two Adam moments, float64
+    objective = mgd.Objective(run.stateless, val, loss=mgd.losses.causal_lm(), batch_size=4)
+    replay = mgd.metagradient(run, objective, k=2)
+    stored = mgd.metagradient(run, objective, mode="unrolled")
+    _, expected = full_unroll_metagradient(run, objective)
+    for key in ("data_weights", "lr"):
+        assert torch.equal(replay.grads[key], stored.grads[key])
+        assert relative_error(replay.grads[key], expected[key]) <= 1e-8
+    assert fd_error(run, objective, replay.grads, "lr") <= 1e-6
+    for n, p in model.named_parameters():
+        if n in base:
+            assert torch.equal(p, base[n]), n
