@@ -120,19 +120,26 @@ class Problem:
 
     def load_meta_files(self, files: Mapping[str, str | None]) -> dict[str, Tensor]:
         """Read metaparameter values from ``.npy`` files (``None`` = neutral default)."""
-        values = {}
-        for name, path in files.items():
-            if path is None:
-                continue
-            flag = "--" + name.replace("_", "-")
-            array = load_npy(path, what=flag)
-            if not np.all(np.isfinite(array)):
-                raise UserError(f"{flag}: {path} contains NaN or infinite values")
-            values[name] = torch.as_tensor(np.asarray(array, dtype=np.float64))
-        return self.trainer.check_meta(values)
+        return load_meta_files(self.trainer, files)
 
 
-def _device(name: str) -> torch.device:
+def load_meta_files(run, files: Mapping[str, str | None]) -> dict[str, Tensor]:
+    """Metaparameter values of ``run`` from ``.npy`` files (``None``: the neutral default),
+    checked by the run (shapes, NaN) and completed with defaults."""
+    values = {}
+    for name, path in files.items():
+        if path is None:
+            continue
+        flag = "--" + name.replace("_", "-")
+        array = load_npy(path, what=flag)
+        if not np.all(np.isfinite(array)):
+            raise UserError(f"{flag}: {path} contains NaN or infinite values")
+        values[name] = torch.as_tensor(np.asarray(array, dtype=np.float64))
+    return run.check_meta(values)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``cpu``, ``cuda``, ``cuda:N`` or ``auto`` → a device (a clear error when unavailable)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -157,7 +164,7 @@ def build_problem(
         if not math.isfinite(value):
             raise UserError(f"{label} must be a finite number, got {value}")
     dtype = DTYPES[config.dtype]
-    device = _device(config.device)
+    device = resolve_device(config.device)
     dataset = load_dataset(config.dataset) if dataset is None else dataset
     y_train, corrupted = dataset.y_train, None
     if config.label_noise:

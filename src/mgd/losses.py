@@ -29,7 +29,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "Loss", "logits_of", "labels_of", "cross_entropy", "causal_lm", "accuracy_of", "next_token_accuracy",
-    "Objective", "Metric", "model_inputs",
+    "Objective", "Metric", "model_inputs", "objective_value",
 ]
 
 Loss = Callable[[Any, Batch], Tensor]
@@ -216,8 +216,12 @@ class Objective:
         return losses.sum()
 
     def __call__(self, named: Mapping[str, Tensor]) -> Tensor:
-        total = sum(self.batch_sum(named, index) for index in self._batches)
-        return total / len(self.data)
+        # Σ_batches (Σ_batch ℓ_i / N): the arithmetic of value_and_grad, so both give the same bits
+        total = None
+        for index in self._batches:
+            part = self.batch_sum(named, index) / len(self.data)
+            total = part if total is None else total + part
+        return total
 
     def value_and_grad(self, named: Mapping[str, Tensor], wrt: Sequence[str]) -> tuple[Tensor, list[Tensor | None]]:
         """``(φ, [∂φ/∂named[w] for w in wrt])``, one batch's graph at a time."""
@@ -243,3 +247,12 @@ class Metric(Objective):
     @torch.no_grad()
     def __call__(self, named: Mapping[str, Tensor]) -> float:  # type: ignore[override]
         return float(sum(self.batch_sum(named, index).double() for index in self._batches) / len(self.data))
+
+
+def objective_value(run, objective: Callable, state) -> float:
+    """``φ`` at a training state, in eval mode without gradients: the same bits as the value
+    :func:`mgd.metagradient` reports (the forward arithmetic does not depend on grad mode)."""
+    from mgd.step import math_attention
+
+    with torch.no_grad(), math_attention():
+        return float(objective(run.named_tensors(state.params, state.buffers)))

@@ -17,18 +17,17 @@ import argparse
 import hashlib
 import os
 import sys
-from types import SimpleNamespace
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
 from mgd.cli.common import collective_from_args, config_from_args, given_flags, meta_files
-from mgd.config import CLI_METAPARAMS, DTYPES, Problem, RunConfig, _device, build_problem
+from mgd.config import CLI_METAPARAMS, DTYPES, Problem, RunConfig, build_problem, load_meta_files, resolve_device
 from mgd.distributed import launched_by_torchrun
 from mgd.errors import UserError, check_choices
 from mgd.evaluation import parallel_map, retrain_and_evaluate
-from mgd.replay import _objective_gradient
+from mgd.losses import objective_value as _objective_value
 from mgd.step import TrainingRun, TrainState
 from mgd.task import TASK_OPTIONS, Task, TaskFunction
 
@@ -81,7 +80,7 @@ def check_task_flags(args: argparse.Namespace) -> None:
 def task_options(args: argparse.Namespace) -> dict[str, Any]:
     """The options of :data:`mgd.task.TASK_OPTIONS` given as flags, as the function gets them."""
     given = given_flags(args)
-    convert = {"seed": int, "steps": int, "dtype": DTYPES.__getitem__, "device": _device}
+    convert = {"seed": int, "steps": int, "dtype": DTYPES.__getitem__, "device": resolve_device}
     return {name: convert[name](getattr(args, name)) for name in TASK_OPTIONS if name in given}
 
 
@@ -132,8 +131,7 @@ def _number(value: Any, what: str) -> float:
 
 def objective_value(run: TrainingRun, objective: Callable, final: TrainState) -> float:
     """``φ(θ_T)`` computed exactly as :func:`mgd.replay.metagradient` computes it (same bits)."""
-    value, _, _ = _objective_gradient(run, objective, final)
-    return _number(value, "the task's objective")
+    return _number(_objective_value(run, objective, final), "the task's objective")
 
 
 def evaluate_task(task: Task, final: TrainState, value: float | None = None) -> dict[str, float]:
@@ -335,8 +333,7 @@ def load_task_meta(run: TrainingRun, files: Mapping[str, str | None]) -> dict[st
                 f"{', '.join(run.metaparams) or 'none'}); add {name!r} to metaparams= in the task "
                 f"function or drop {flag}"
             )
-    # The preset reader needs only the run: read, check and fill in defaults the same way.
-    return Problem.load_meta_files(SimpleNamespace(trainer=run), files)  # type: ignore[arg-type]
+    return load_meta_files(run, files)
 
 
 def subject_from_args(args: argparse.Namespace, *, reseeded: bool = False, command: str = "mgd") -> Subject:
