@@ -144,6 +144,19 @@ def fd_error(run, objective, grads, name, seed=0):
     return min(errors)
 
 
+def assert_exact(run, objective, result=None, keys=("data_weights", "lr"), fd=True):
+    """The metagradient (default plan, unless given) against the full unroll and, with
+    ``fd``, central finite differences of whole runs."""
+    result = result or quietly(mgd.metagradient, run, objective)
+    value, expected = full_unroll_metagradient(run, objective)
+    assert result.value == pytest.approx(value, rel=1e-12)
+    for key in keys:
+        assert relative_error(result.grads[key], expected[key]) <= 1e-8, key
+        if fd:
+            assert fd_error(run, objective, result.grads, key) <= 1e-6, key
+    return result
+
+
 # ------------------------------------------------------------------------------- exactness
 
 
@@ -160,12 +173,7 @@ def test_zoo_replay_equals_store_everything_bit_for_bit_in_every_vjp_mode(digits
 @pytest.mark.parametrize("name", ZOO)
 def test_zoo_matches_the_full_unroll_and_finite_differences(digits, name):
     run, objective = zoo_run(name, digits)
-    result = quietly(mgd.metagradient, run, objective)  # the default plan and VJP
-    value, expected = full_unroll_metagradient(run, objective)
-    assert result.value == pytest.approx(value, rel=1e-12)
-    for key in ("data_weights", "lr"):
-        assert relative_error(result.grads[key], expected[key]) <= 1e-8, key
-        assert fd_error(run, objective, result.grads, key) <= 1e-6, key
+    assert_exact(run, objective)  # the default plan and VJP
 
 
 def test_zoo_adamw_matches_the_full_unroll(digits):
@@ -218,11 +226,7 @@ def test_schedule_and_clipping_match_torch_optim_and_are_differentiated_exactly(
     train, val = split(digits)
     reference = _torch_optim_val_loss(zoo_model("layernorm", digits), train, val, run, clip=0.5, schedule=schedule)
     assert ours == pytest.approx(reference, rel=1e-10)
-    result = mgd.metagradient(run, objective)
-    _, expected = full_unroll_metagradient(run, objective)
-    for key in ("data_weights", "lr"):
-        assert relative_error(result.grads[key], expected[key]) <= 1e-8
-        assert fd_error(run, objective, result.grads, key) <= 1e-6
+    assert_exact(run, objective)
 
 
 def test_clip_vjp_matches_autograd():
@@ -276,11 +280,7 @@ def test_frozen_parameters_stay_frozen_and_match_torch_optim(digits):
     ours = float(objective(run.named_tensors(final.params, final.buffers)))
     reference = _torch_optim_val_loss(model, train, val, run)
     assert ours == pytest.approx(reference, rel=1e-10)
-    result = mgd.metagradient(run, objective)
-    _, expected = full_unroll_metagradient(run, objective)
-    for key in ("data_weights", "lr"):
-        assert relative_error(result.grads[key], expected[key]) <= 1e-8
-        assert fd_error(run, objective, result.grads, key) <= 1e-6
+    assert_exact(run, objective)
     for n, p in model.named_parameters():
         if n in frozen:
             assert torch.equal(p, frozen[n])
@@ -291,11 +291,7 @@ def test_frozen_parameters_stay_frozen_and_match_torch_optim(digits):
 def test_dropout_metagradient_is_exact_under_store_everything(digits):
     """Regression: with dropout, store-everything returned a wrong metagradient silently."""
     run, objective = zoo_run("dropout", digits)
-    stored = mgd.metagradient(run, objective, mode="unrolled")
-    _, expected = full_unroll_metagradient(run, objective)
-    for key in ("data_weights", "lr"):
-        assert relative_error(stored.grads[key], expected[key]) <= 1e-8
-        assert fd_error(run, objective, stored.grads, key) <= 1e-6
+    assert_exact(run, objective, mgd.metagradient(run, objective, mode="unrolled"))
 
 
 def test_dropout_masks_repeat_and_the_global_rng_is_untouched(digits):

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from mgd.cli.common import collective_from_args, config_from_args, given_flags, meta_files
-from mgd.config import CLI_METAPARAMS, DTYPES, Problem, RunConfig, build_problem, load_meta_files, resolve_device
+from mgd.config import CLI_METAPARAMS, DTYPES, RunConfig, build_problem, load_meta_files, resolve_device
 from mgd.distributed import launched_by_torchrun
 from mgd.errors import UserError, check_choices
 from mgd.evaluation import parallel_map, retrain_and_evaluate
