@@ -68,20 +68,33 @@ training. "bergson ÷ mgd" on an ``mgd`` row is bergson's ``÷ own`` ratio divid
 ratio at the same (optimizer, T): how many times less overhead over its own training ``mgd``
 adds (the JSON also has the same-baseline and the raw-seconds versions).
 
+Columns: "train s" ``mgd``'s ``run.run()`` (bergson rows: and bergson's own training);
+"metagrad s"; "÷ train" their ratio (bergson rows: also ``÷ own``); "extra MB" the
+metagradient's peak RSS above the RSS before it; "above train MB" that minus training's own
+peak extra RSS (bergson rows: also against bergson's training; bergson keeps its checkpoints
+on disk, not in RAM, and the plan cell gives their size); "plan" ``k`` (or the tapered root's
+segments), the peak numbers of live checkpoints and kept step graphs, the extra training
+passes and the VJP; "bergson ÷ mgd" the speed-up above, with the relative difference of the
+two float32 data-weight metagradients (``w Δ``); "state / notes" the parameters and
+``state_bytes`` of one checkpoint (LoRA: against adapter + moments and the full model's).
+
 Commands and results
 --------------------
 ::
 
-    pip install --no-deps bergson==2.5.1 ...        # see benchmarks/peer_bergson.py; and peft
-    python benchmarks/bench_runs.py --markdown --out bench-runs.json          # everything
+    make bench    # installs the hf and bench extras and bergson 2.5.1 (--no-deps), runs both benchmarks
+    python benchmarks/bench_runs.py --markdown --out bench-runs.json          # everything (~1 h)
     python benchmarks/bench_runs.py --problems lm --methods mgd bergson --steps 300 1000 --markdown
-    python benchmarks/bench_runs.py --problems cnn lm-lora --steps 1000 --methods mgd --markdown
-    python benchmarks/bench_runs.py --smoke --markdown     # T = 4, tiny CNN, in one process
+    python benchmarks/bench_runs.py --problems cnn lm-lora --methods mgd full-unroll --markdown
+    python benchmarks/bench_runs.py --smoke --markdown     # T = 4, tiny CNN, in one process (~1 min)
 
-``--markdown`` prints a Markdown table (else aligned text); ``--out`` writes every row, the
-check, the memory probes, the settings and the environment as JSON (after each group, so a
-long run leaves partial results). ``docs/benchmark.md`` quotes the table and the command that
-made it. Nothing else should run on the machine meanwhile; compare the same-process ratios.
+The full run's length is an estimate from T = 50 on 2 shared cores (LM: ~16 ms a training
+step, metagradient ~4x training; the width-8 CNN ~0.1 s a step). ``--markdown`` prints a
+Markdown table (else aligned text) and the LM check's lines; ``--out`` writes every row (with
+its raw repeats), the checks, the memory probes, the settings and the environment (versions,
+CPU) as JSON, after each group, so a long run leaves partial results. ``docs/benchmark.md``
+quotes the table and the command that made it. Nothing else should run on the machine
+meanwhile; compare the same-process ratios rather than raw seconds.
 """
 
 from __future__ import annotations
@@ -174,18 +187,15 @@ def resnet9(width: int, num_classes: int = 10, logit_scale: float = 0.1) -> Any:
         layers = [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
         return nn.Sequential(*layers, *([nn.AvgPool2d(2)] if pool else []))
 
-    class Residual(nn.Module):
-        def __init__(self, channels: int):
-            super().__init__()
-            self.body = nn.Sequential(block(channels, channels), block(channels, channels))
-
+    class Skip(nn.Sequential):  # x + layers(x)
         def forward(self, x):
-            return x + self.body(x)
+            return x + super().forward(x)
 
     w = width
     return nn.Sequential(
-        block(3, w), block(w, 2 * w, pool=True), Residual(2 * w),
-        block(2 * w, 4 * w, pool=True), block(4 * w, 8 * w, pool=True), Residual(8 * w),
+        block(3, w), block(w, 2 * w, pool=True), Skip(block(2 * w, 2 * w), block(2 * w, 2 * w)),
+        block(2 * w, 4 * w, pool=True), block(4 * w, 8 * w, pool=True),
+        Skip(block(8 * w, 8 * w), block(8 * w, 8 * w)),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8 * w, num_classes), Scale(logit_scale),
     )
 
@@ -519,13 +529,19 @@ TASKS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
 IN_PROCESS = False
 
 
+def _run_here(task: dict[str, Any]) -> dict[str, Any]:
+    """``--in-process``: the task in the driver; an exception is reported like a failed worker."""
+    try:
+        result = TASKS[task["kind"]](task)
+    except Exception as error:  # noqa: BLE001
+        return {"ok": False, "error": f"{type(error).__name__}: {error}"[:500]}
+    return {"ok": True, "result": result}
+
+
 def run_worker(task: dict[str, Any], timeout: float | None) -> dict[str, Any]:
     """One task in a fresh interpreter (or here with ``--in-process``): ok + result, or why not."""
     if IN_PROCESS:
-        try:
-            return {"ok": True, "result": TASKS[task["kind"]](task)}
-        except Exception as error:  # noqa: BLE001  (reported in the table like a failed worker)
-            return {"ok": False, "error": f"{type(error).__name__}: {error}"[:500]}
+        return _run_here(task)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
            "OPENBLAS_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     argv = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(task)]
@@ -691,6 +707,14 @@ def _notes_cell(row: dict[str, Any]) -> str:
     return text
 
 
+def _versus_cell(versus: dict[str, Any] | None) -> str:
+    """``speed-up (w Δ rel. difference of the two data-weight metagradients, float32)``."""
+    if versus is None:
+        return "-"
+    diff = versus.get("data_weight_grad_rel_diff_f32")
+    return f"{versus['speedup']:.2f}" + ("" if diff is None else f" (w Δ {diff:.1e})")
+
+
 def table_rows(rows: list[dict[str, Any]]) -> list[tuple[str, ...]]:
     out = []
     for row in rows:
@@ -705,10 +729,8 @@ def table_rows(rows: list[dict[str, Any]]) -> list[tuple[str, ...]]:
         above = _fmt(row["above_train_mb"], ".1f")
         if bergson:
             above += f" (own {_fmt(row['above_own_train_mb'], '.1f')})"
-        versus = row.get("vs_bergson")
         out.append((*head, train, _fmt(row["metagrad_s"], ".3g"), ratio, _fmt(row["metagrad_mb"], ".1f"),
-                    above, _plan_cell(row), "-" if versus is None else f"{versus['speedup']:.2f}",
-                    _notes_cell(row)))
+                    above, _plan_cell(row), _versus_cell(row.get("vs_bergson")), _notes_cell(row)))
     return out
 
 
@@ -872,7 +894,10 @@ def main(argv: list[str] | None = None) -> int:
     if report["checks"]:
         print()
         print(format_checks(report["checks"]))
-    return 1 if failed_check else 0
+    mismatched = [r for r in report["rows"] if (r.get("problem_info") or {}).get("state_matches_adapter") is False]
+    for row in mismatched:
+        log(f"{row['problem']} {row['optimizer']} T={row['steps']}: state bytes are not adapter + moments")
+    return 1 if failed_check or mismatched else 0
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ documents. (The docstrings, so the exact text, depend on the Python version.)
 
 Run::
 
-    python examples/gpt_lm.py                 # about 20 s on 2 CPU cores
+    python examples/gpt_lm.py                 # about 15 s on 2 idle CPU cores
     python examples/gpt_lm.py --check         # also the full-unroll reference, in float64 (~45 s)
     python examples/gpt_lm.py --steps 300 --train 320 --width 64 --layers 4
 
@@ -114,14 +114,15 @@ def cut_to_context(line: str, context: int) -> str:
 
 def documents(n_train: int, n_val: int, context: int, *, skip: int = 0) -> tuple[list[str], list[str]]:
     """``(train, val)`` documents: the corpus lines cut to the context (kept if still at least
-    :data:`MIN_CHARS` long, once each), shuffled with a fixed seed; the first ``skip`` are left out (another use, e.g. pretraining), then ``n_train``
-    training and ``n_val`` validation documents."""
+    :data:`MIN_CHARS` long, once each), shuffled with a fixed seed; the first ``skip`` are left
+    out (another use, e.g. pretraining), then ``n_train`` training and ``n_val`` validation
+    documents."""
     cut = (cut_to_context(line, context) for line in corpus_lines())
     lines = list(dict.fromkeys(doc for doc in cut if len(doc) >= MIN_CHARS))
     random.Random(SHUFFLE_SEED).shuffle(lines)
     need = skip + n_train + n_val
     if need > len(lines):
-        raise SystemExit(f"the corpus has {len(lines)} documents; asked for {need}")
+        raise mgd.UserError(f"the corpus has {len(lines)} documents; asked for {need} (fewer --train/--val)")
     return lines[skip : skip + n_train], lines[skip + n_train : need]
 
 

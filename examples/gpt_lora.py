@@ -13,8 +13,8 @@ never copied, never written. ``main()`` asserts all three and prints the sizes.
 
 Run::
 
-    python examples/gpt_lora.py               # about 20 s on 2 CPU cores
-    python examples/gpt_lora.py --check       # also the full-unroll reference, in float64
+    python examples/gpt_lora.py               # about 20 s on 2 idle CPU cores
+    python examples/gpt_lora.py --check       # also the full-unroll reference, in float64 (~25 s)
 
 or ``mgd grad --task examples/gpt_lora.py:build`` (``seed``, ``steps``, ``dtype``, ``device``).
 
@@ -134,7 +134,8 @@ def build(seed: int = 0, steps: int = 100, dtype="float32", device="cpu", *, n_p
     model = add_lora(model, seed=seed, dtype=dtype)
     run = gpt_lm.lm_run(model, gpt_lm.tokenize(train_docs, context, device), steps=steps, batch_size=batch_size,
                         micro_batch=micro_batch, lr=lr, seed=seed)
-    task = gpt_lm.lm_task(run, gpt_lm.tokenize(val_docs, context, device), eval_batch=max(1, min(n_val, 4 * micro_batch)))
+    val = gpt_lm.tokenize(val_docs, context, device)
+    task = gpt_lm.lm_task(run, val, eval_batch=max(1, min(n_val, 4 * micro_batch)))
     task.documents = train_docs
     return task
 
@@ -160,8 +161,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     assert run.num_params == n_adapter, (run.num_params, n_adapter)
     assert set(run.stateless.names) == set(adapter)
     assert state.buffers.numel() == 0 and state.nbytes() == state_bytes_expected(run), state.nbytes()
+    full = (1 + len(state.opt_state)) * (n_base + n_adapter) * state.params.element_size()
     print(f"training state: {state.nbytes()} bytes = adapter + {len(state.opt_state)} AdamW moments "
-          f"(the base alone would be {n_base * state.params.element_size()} bytes)")
+          f"(fine-tuning every parameter: {full} bytes)")
 
     snapshot = frozen_snapshot(run.model)
     before = gpt_lm.evaluate(task, state)

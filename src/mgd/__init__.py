@@ -26,7 +26,7 @@ from mgd.losses import Metric, Objective
 from mgd.step import TrainingRun, make_run
 from mgd.task import Task
 from mgd.training import Trainer, TrainState, accuracy, cross_entropy_objective
-from mgd import batches, losses, schedules
+from mgd import batches, images, losses, schedules
 
 __all__ = [
     "__version__",
@@ -38,6 +38,7 @@ __all__ = [
     "Objective",
     "Metric",
     "batches",
+    "images",
     "losses",
     "schedules",
     "SGD",

@@ -420,7 +420,8 @@ class MetaGradient:
         timings: seconds spent in the forward pass and the reverse pass.
         memory: ``state_bytes``, ``graph_bytes`` (one kept step graph), ``budget_bytes`` and
             the plan's ``planned_peak_bytes`` (:meth:`ReplayPlan.peak_bytes`).
-        vjp: the per-step VJP that ran (``"double-backward"`` after a fused fallback).
+        vjp: the per-step VJP that ran: ``"double-backward"`` after a fused fallback or when
+            mixed mode fell back on every step, ``"mixed+double-backward"`` when on some.
     """
 
     value: float
@@ -667,6 +668,7 @@ def _metagradient(run, objective, values, wrt, mode, k, vjp, horizon, memory_bud
     # With data parallelism, what reaches z through a rank's own examples is summed at the end.
     split = run.collective.world_size > 1
     partial = {name: torch.zeros_like(values[name]) for name in wrt} if split else {}
+    fell_back = vjps = 0  # mixed-mode steps that ran reverse-over-reverse
     for op in ops:
         if isinstance(op, Replay):
             # NOTE [leaf replays]: kept work for the segment's last step too
@@ -687,6 +689,7 @@ def _metagradient(run, objective, values, wrt, mode, k, vjp, horizon, memory_bud
             else:
                 result = step_vjp(run, state, local, wrt, adjoint)
             if isinstance(result, VJPResult):
+                fell_back += result.fell_back
                 if result.losses is not None:
                     step_diverged[op.step] |= _bits(result.losses) != loss_fp[op.step]
                 adjoint = result.adjoint
@@ -700,6 +703,7 @@ def _metagradient(run, objective, values, wrt, mode, k, vjp, horizon, memory_bud
                 kind.accumulate(grads[name], update_bar[name], op.step, index)
                 if name in loss_bar:
                     kind.accumulate(partial[name] if split else grads[name], loss_bar[name], op.step, index)
+            vjps += 1
             if trace is not None:
                 trace.events.append(("vjp", op.step))
             if progress is not None:
@@ -709,6 +713,8 @@ def _metagradient(run, objective, values, wrt, mode, k, vjp, horizon, memory_bud
             note_live()
     for name in partial:
         grads[name] += run.collective.all_reduce_sum(partial[name])
+    if fell_back:
+        used_vjp = "double-backward" if fell_back == vjps else "mixed+double-backward"
     reverse_seconds = time.perf_counter() - started
 
     if bool(state_diverged.any()) or bool(step_diverged.any()):

@@ -97,12 +97,14 @@ class VJPResult:
         loss_bar: z̄ through this rank's loss (data weights, inputs): summed over ranks once.
         losses: the per-example losses of the step if it was recomputed here (detached), for
             the engine's fingerprint; ``None`` when a kept graph was used.
+        fell_back: :func:`mixed_mode_vjp` used double-backward for this step.
     """
 
     adjoint: tuple[Tensor, ...]
     update_bar: dict[str, Tensor]
     loss_bar: dict[str, Tensor]
     losses: Tensor | None = None
+    fell_back: bool = False  # mixed mode ran reverse-over-reverse for this step
 
     def local_bar(self) -> dict[str, Tensor]:
         """``update_bar + loss_bar``: the slice gradients of one process."""
@@ -260,7 +262,7 @@ def mixed_mode_vjp(
     """
     def reverse_over_reverse(reason: str) -> VJPResult:
         _fall_back(reason)
-        return double_backward_vjp(run, state, local, wrt, adjoint)
+        return replace(double_backward_vjp(run, state, local, wrt, adjoint), fell_back=True)
 
     blocker = forward_mode_blocker(run)
     if blocker is not None:
