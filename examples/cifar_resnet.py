@@ -174,17 +174,6 @@ class ResNet9(nn.Module):
         return self.head(self.features(x)) * self.scale
 
 
-def as_dtype(dtype) -> torch.dtype:
-    """``torch.float32``/``torch.float64`` from a dtype or its name (``"float64"``, ``"torch.float64"``)."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    name = str(dtype).removeprefix("torch.")
-    table = {"float32": torch.float32, "float": torch.float32, "float64": torch.float64, "double": torch.float64}
-    if name not in table:
-        raise ValueError(f"dtype must be float32 or float64, got {dtype!r}")
-    return table[name]
-
-
 def build(seed: int = 0, steps: int = 60, dtype="float32", device="cpu", *, data: str | None = None,
           n_train: int = 160, n_val: int = 40, n_test: int = 100, width: int = 8, batch_size: int = 16,
           lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 5e-4) -> mgd.Task:
@@ -193,7 +182,7 @@ def build(seed: int = 0, steps: int = 60, dtype="float32", device="cpu", *, data
     ``data``: a CIFAR-10 binary directory; ``None`` writes a synthetic one to a temporary folder.
     ``mgd grad --task examples/cifar_resnet.py:build`` calls it with ``seed``/``steps``/``dtype``/``device``.
     """
-    dtype = as_dtype(dtype)
+    dtype = mgd.task.as_dtype(dtype)
     directory = synthetic_directory() if data is None else data
     train, val, test = load_splits(directory, n_train, n_val, n_test, dtype, device)
     with torch.random.fork_rng(devices=[]):
@@ -286,8 +275,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
           f"{float(g[-quarter:].sum()):+.3e} (negative: a larger LR there helps)")
     summary = {"result": result, "task": task, **after}
     if args.check:
-        _, reference = mgd.check.full_unroll_metagradient(run, task.objective, wrt=list(result.grads))
-        errors = {name: mgd.check.relative_error(result.grads[name], reference[name]) for name in result.grads}
+        errors = mgd.check.errors_against_full_unroll(run, task.objective, result)
         print("relative error vs full unroll (float64): "
               + ", ".join(f"{name} {error:.2e}" for name, error in errors.items()))
         summary["errors"] = errors

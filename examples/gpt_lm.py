@@ -142,17 +142,6 @@ def tokenize(docs: Sequence[str], context: int, device="cpu") -> dict[str, torch
 # ----------------------------------------------------------------------------- the model
 
 
-def as_dtype(dtype) -> torch.dtype:
-    """``torch.float32``/``torch.float64`` from a dtype or its name (``"float64"``, ``"torch.float64"``)."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    name = str(dtype).removeprefix("torch.")
-    table = {"float32": torch.float32, "float": torch.float32, "float64": torch.float64, "double": torch.float64}
-    if name not in table:
-        raise ValueError(f"dtype must be float32 or float64, got {dtype!r}")
-    return table[name]
-
-
 def tiny_gpt2(*, context: int = 32, width: int = 32, layers: int = 2, heads: int = 2, dropout: float = 0.1,
               seed: int = 0, dtype=torch.float32, device="cpu"):
     """A randomly initialised ``GPT2LMHeadModel`` (tied embeddings, the transformers default)."""
@@ -166,7 +155,7 @@ def tiny_gpt2(*, context: int = 32, width: int = 32, layers: int = 2, heads: int
     with torch.random.fork_rng(devices=[]):  # the initialisation never touches the caller's RNG
         torch.manual_seed(seed)
         model = transformers.GPT2LMHeadModel(config)
-    return model.to(dtype=as_dtype(dtype), device=device)
+    return model.to(dtype=mgd.task.as_dtype(dtype), device=device)
 
 
 def lm_run(model, train: dict, *, steps: int, batch_size: int, micro_batch: int | None, lr: float,
@@ -234,12 +223,6 @@ def describe_lr(grad: torch.Tensor) -> str:
             f"last quarter {float(grad[-quarter:].sum()):+.3e} (negative: a larger LR there helps)")
 
 
-def check_against_full_unroll(task: mgd.Task, result: mgd.MetaGradient) -> dict[str, float]:
-    """Relative error of ``result`` against the plain full unroll (one graph through all steps)."""
-    _, reference = mgd.check.full_unroll_metagradient(task.run, task.objective, wrt=list(result.grads))
-    return {name: mgd.check.relative_error(result.grads[name], reference[name]) for name in result.grads}
-
-
 def parse_args(argv, description: str, **defaults) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--steps", type=int, default=defaults.get("steps", 150))
@@ -291,7 +274,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     print(describe_lr(result.grads["lr"]))
     summary = {"result": result, "task": task, **after}
     if args.check:
-        errors = check_against_full_unroll(task, result)
+        errors = mgd.check.errors_against_full_unroll(task.run, task.objective, result)
         print("relative error vs full unroll (float64): "
               + ", ".join(f"{name} {error:.2e}" for name, error in errors.items()))
         summary["errors"] = errors

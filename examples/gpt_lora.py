@@ -85,7 +85,7 @@ def add_lora(model: torch.nn.Module, *, seed: int, dtype) -> torch.nn.Module:
         warnings.simplefilter("ignore", FutureWarning)  # peft asks transformers a deprecated question
         torch.manual_seed(seed + 1)
         wrapped = peft.get_peft_model(model, config)
-    return wrapped.to(dtype=gpt_lm.as_dtype(dtype))
+    return wrapped.to(dtype=mgd.task.as_dtype(dtype))
 
 
 def adapter_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -188,7 +188,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     print(gpt_lm.describe_lr(result.grads["lr"]))
     summary = {"result": result, "task": task, **after}
     if args.check:
-        errors = gpt_lm.check_against_full_unroll(task, result)
+        errors = mgd.check.errors_against_full_unroll(task.run, task.objective, result)
         assert frozen_unchanged(run, snapshot), "the full unroll changed the frozen base"
         print("relative error vs full unroll (float64): "
               + ", ".join(f"{name} {error:.2e}" for name, error in errors.items()))

@@ -20,7 +20,10 @@ from torch import Tensor
 
 from mgd.step import TrainingRun as Trainer, math_attention
 
-__all__ = ["full_unroll_metagradient", "train_and_evaluate", "directional_finite_difference", "relative_error"]
+__all__ = [
+    "full_unroll_metagradient", "errors_against_full_unroll", "train_and_evaluate",
+    "directional_finite_difference", "relative_error",
+]
 
 
 def full_unroll_metagradient(
@@ -48,6 +51,13 @@ def full_unroll_metagradient(
         name: (torch.zeros_like(leaves[name]) if g is None else g.detach())
         for name, g in zip(wrt, grads)
     }
+
+
+def errors_against_full_unroll(trainer: Trainer, objective, result) -> dict[str, float]:
+    """Relative error of each metagradient in ``result`` (:class:`~mgd.replay.MetaGradient`)
+    against :func:`full_unroll_metagradient` of the same run (use float64)."""
+    _, reference = full_unroll_metagradient(trainer, objective, wrt=list(result.grads))
+    return {name: relative_error(result.grads[name], reference[name]) for name in result.grads}
 
 
 def train_and_evaluate(

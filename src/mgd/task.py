@@ -70,6 +70,21 @@ class Task:
             raise UserError(f"Task.metrics[{bad[0]!r}] is not callable")
 
 
+def as_dtype(dtype: Any) -> "torch.dtype":
+    """``torch.float32``/``torch.float64`` from a dtype or its name (``"float64"``,
+    ``"torch.float64"``): task functions get a ``torch.dtype`` from the command line and often
+    a name from Python."""
+    import torch
+
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    table = {"float32": torch.float32, "float": torch.float32, "float64": torch.float64, "double": torch.float64}
+    name = str(dtype).removeprefix("torch.")
+    if name not in table:
+        raise UserError(f"dtype must be float32 or float64, got {dtype!r}")
+    return table[name]
+
+
 def _split_spec(spec: str) -> tuple[str, str]:
     path, sep, name = spec.rpartition(":")
     if not sep or not path or not name:
