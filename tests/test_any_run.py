@@ -92,6 +92,8 @@ def zoo_model(name: str, digits) -> nn.Module:
     elif name == "buffers":
         x = torch.as_tensor(digits.x_train, dtype=DTYPE)
         model = Normalised(x.mean(dim=0), x.std(dim=0) + 0.1)
+    elif name == "batchnorm":
+        model = nn.Sequential(nn.Flatten(), nn.Linear(64, 12), nn.BatchNorm1d(12), nn.Tanh(), nn.Linear(12, 10))
     elif name == "dropout":
         model = nn.Sequential(nn.Flatten(), nn.Linear(64, 12), nn.Tanh(), nn.Dropout(0.3), nn.Linear(12, 10))
     else:  # pragma: no cover
@@ -244,6 +246,15 @@ def test_micro_batches_give_the_same_run_and_exact_metagradients(digits):
     chunked, objective_c = zoo_run("dropout", digits, batch_size=20, micro_batch=6)
     inputs = chunked.step_inputs(0, chunked.local_meta(chunked.default_meta(), 0))
     assert chunked.chunks(inputs) == [(0, 6), (6, 12), (12, 18), (18, 20)]
+    # BatchNorm statistics chain through the micro-batches (the reverse pass carries their
+    # adjoint back through them, last micro-batch first)
+    bn, obj_bn = zoo_run("batchnorm", digits, micro_batch=6)
+    for vjp in VJP_MODES:
+        replay = quietly(mgd.metagradient, bn, obj_bn, k=2, vjp=vjp)
+        stored = quietly(mgd.metagradient, bn, obj_bn, mode="unrolled", vjp=vjp)
+        for key in ("data_weights", "lr"):
+            assert torch.equal(replay.grads[key], stored.grads[key]), (vjp, key)
+    assert_exact(bn, obj_bn, replay)
     # dropout draws per micro-batch, so compare deterministic models for the same trajectory
     det, obj_d = zoo_run("layernorm", digits)
     det_c, obj_dc = zoo_run("layernorm", digits, micro_batch=6)

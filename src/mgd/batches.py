@@ -275,12 +275,12 @@ def _splitmix64(x: int) -> int:
 MODEL_STREAM, AUGMENT_STREAM = 1, 2
 
 
-def step_seed(seed: int, step: int, rank: int, stream: int) -> int:
-    """A 63-bit seed for ``(run seed, step, rank, stream)``: splitmix64 over the four numbers.
+def step_seed(seed: int, step: int, rank: int, stream: int, chunk: int = 0) -> int:
+    """A 63-bit seed for ``(run seed, step, rank, stream, micro-batch)``: splitmix64 over them.
 
     Distinct inputs give unrelated seeds, and nothing depends on how often it was called.
     """
     x = 0
-    for part in (seed, step, rank, stream):
+    for part in (seed, step, rank, stream, chunk):
         x = _splitmix64(x ^ (part & _MASK64))
     return x >> 1

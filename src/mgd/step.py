@@ -439,8 +439,7 @@ class TrainingRun:
         for name, mp in self.metaparams.items():
             inputs = mp.apply(local[name], inputs, step, self.info)
         if self.augment is not None:
-            device = self.device
-            generator = torch.Generator(device=device)
+            generator = torch.Generator(device=self.device)
             generator.manual_seed(step_seed(self.seed, step, self.collective.rank, AUGMENT_STREAM))
             inputs = replace(inputs, batch=self.augment(inputs.batch, generator))
         return inputs
@@ -496,7 +495,8 @@ class TrainingRun:
         batch = inputs.batch if whole else tree_map(lambda t: t[a:b], inputs.batch)
         args, kwargs = self.inputs_of(batch)
         calls = step * len(self.chunks(inputs)) + chunk
-        with math_attention(), seeded_rng(step_seed(self.seed, step, self.collective.rank, MODEL_STREAM + 16 * chunk), self.device):
+        seed = step_seed(self.seed, step, self.collective.rank, MODEL_STREAM, chunk)
+        with math_attention(), seeded_rng(seed, self.device):
             out, new_buffers = self.stateless.train_call(params, buffers, args, kwargs, calls)
             losses = self.loss(out, batch)
         if not isinstance(losses, Tensor) or losses.shape != (b - a,):
@@ -513,19 +513,35 @@ class TrainingRun:
         return weighted.sum() / (inputs.batch_size or len(inputs.index)), losses, new_buffers
 
     # ----------------------------------------------------------------------------- the step
+    def accumulate_gradient(
+        self, params: Tensor, buffers: Tensor, inputs: StepInputs, step: int, *, create_graph: bool
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``Σ_chunks ∇_θ (loss of the chunk)`` on this rank, the new BatchNorm statistics and
+        the per-example losses (detached). With ``create_graph`` the gradient keeps its graph.
+
+        The one loop over micro-batches, so a step computed with and without a graph adds the
+        same terms in the same order.
+        """
+        grad, losses = None, []
+        with torch.enable_grad():
+            for c, span in enumerate(self.chunks(inputs)):
+                loss, chunk_losses, buffers = self.chunk_losses(params, buffers, inputs, step, c, span)
+                if create_graph:
+                    (g,) = _second_order_grad(loss, params, self.stateless.module)
+                else:
+                    (g,) = torch.autograd.grad(loss, params)
+                    buffers = buffers.detach()
+                grad = g if grad is None else grad + g
+                losses.append(chunk_losses.detach())
+        return grad, buffers, torch.cat(losses) if len(losses) > 1 else losses[0]
+
     def gradient(self, state: TrainState, inputs: StepInputs) -> tuple[Tensor, Tensor, Tensor]:
         """``(g_t summed over ranks, new buffers, per-example losses)`` with no graph kept."""
         params = state.params.detach().requires_grad_(True)
-        buffers = state.buffers.detach()
-        grad, losses = None, []
-        for c, span in enumerate(self.chunks(inputs)):
-            with torch.enable_grad():
-                loss, chunk_losses, buffers = self.chunk_losses(params, buffers, inputs, state.step, c, span)
-                (g,) = torch.autograd.grad(loss, params)
-            grad = g if grad is None else grad + g
-            buffers = buffers.detach()
-            losses.append(chunk_losses.detach())
-        return self.sum_over_ranks(grad), buffers, torch.cat(losses) if len(losses) > 1 else losses[0]
+        grad, buffers, losses = self.accumulate_gradient(
+            params, state.buffers.detach(), inputs, state.step, create_graph=False
+        )
+        return self.sum_over_ranks(grad), buffers.detach(), losses
 
     def update(self, state: TrainState, grad: Tensor, inputs: StepInputs, new_buffers: Tensor) -> TrainState:
         """Clip ``g_t`` and apply the optimizer: ``s_{t+1}`` (no graph)."""
@@ -568,16 +584,9 @@ class TrainingRun:
                 for name, value in local.items()
             }
             inputs = self.step_inputs(t, leaves)
-            grad, new_buffers, losses = None, buffers, []
-            for c, span in enumerate(self.chunks(inputs)):
-                loss, chunk_losses, new_buffers = self.chunk_losses(params, new_buffers, inputs, t, c, span)
-                (g,) = _second_order_grad(loss, params, self.stateless.module)
-                grad = g if grad is None else grad + g
-                losses.append(chunk_losses.detach())
+            grad, new_buffers, losses = self.accumulate_gradient(params, buffers, inputs, t, create_graph=True)
         full_grad = self.sum_over_ranks(grad.detach())
-        return GradGraph(
-            t, params, buffers, leaves, inputs, grad, full_grad, new_buffers, torch.cat(losses)
-        )
+        return GradGraph(t, params, buffers, leaves, inputs, grad, full_grad, new_buffers, losses)
 
     def next_state(self, state: TrainState, graph: GradGraph) -> TrainState:
         """``s_{t+1}`` from a :class:`GradGraph`: the same arithmetic as :meth:`step`."""
@@ -590,11 +599,7 @@ class TrainingRun:
         state and ``local`` (the full-unroll reference of :mod:`mgd.check`; one process)."""
         params, *opt_state, buffers = state_tensors
         inputs = self.step_inputs(step, local)
-        grad, new_buffers = None, buffers
-        for c, span in enumerate(self.chunks(inputs)):
-            loss, _, new_buffers = self.chunk_losses(params, new_buffers, inputs, step, c, span)
-            (g,) = _second_order_grad(loss, params, self.stateless.module)
-            grad = g if grad is None else grad + g
+        grad, new_buffers, _ = self.accumulate_gradient(params, buffers, inputs, step, create_graph=True)
         if self.clip_norm is not None:
             grad = clip_by_global_norm(grad, self.clip_norm)
         new_params, new_opt = self.optimizer.update(
