@@ -18,7 +18,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from mgd.step import TrainingRun as Trainer, math_attention
+from mgd.step import TrainingRun, math_attention
 
 __all__ = [
     "full_unroll_metagradient", "errors_against_full_unroll", "train_and_evaluate",
@@ -27,7 +27,7 @@ __all__ = [
 
 
 def full_unroll_metagradient(
-    trainer: Trainer,
+    trainer: TrainingRun,
     objective: Callable[[Mapping[str, Tensor]], Tensor],
     meta: Mapping[str, Tensor] | None = None,
     *,
@@ -53,7 +53,7 @@ def full_unroll_metagradient(
     }
 
 
-def errors_against_full_unroll(trainer: Trainer, objective, result) -> dict[str, float]:
+def errors_against_full_unroll(trainer: TrainingRun, objective, result) -> dict[str, float]:
     """Relative error of each metagradient in ``result`` (:class:`~mgd.replay.MetaGradient`)
     against :func:`full_unroll_metagradient` of the same run (use float64)."""
     _, reference = full_unroll_metagradient(trainer, objective, wrt=list(result.grads))
@@ -61,7 +61,7 @@ def errors_against_full_unroll(trainer: Trainer, objective, result) -> dict[str,
 
 
 def train_and_evaluate(
-    trainer: Trainer,
+    trainer: TrainingRun,
     objective: Callable[[Mapping[str, Tensor]], Tensor],
     meta: Mapping[str, Tensor] | None = None,
 ) -> float:
@@ -72,7 +72,7 @@ def train_and_evaluate(
 
 
 def directional_finite_difference(
-    trainer: Trainer,
+    trainer: TrainingRun,
     objective: Callable[[Mapping[str, Tensor]], Tensor],
     meta: Mapping[str, Tensor],
     direction: Mapping[str, Tensor],

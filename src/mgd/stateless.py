@@ -128,6 +128,7 @@ class StatelessModel:
             else:  # frozen: a constant attribute of the copy, forever
                 owner.__dict__[attr] = p.detach()
         self._norm_modules = [self.module.get_submodule(n) for n in self.norms]
+        self._norm_index = {id(m): i for i, m in enumerate(self._norm_modules)}
         for module in self._norm_modules:
             for stat in ("running_mean", "running_var", "num_batches_tracked"):
                 module._buffers.pop(stat, None)
@@ -241,7 +242,7 @@ class StatelessModel:
             )
         updated = dict(stats)
         for module, inputs in captured:
-            i = next(j for j, m in enumerate(self._norm_modules) if m is module)
+            i = self._norm_index[id(module)]
             prefix = f"{self.norms[i]}." if self.norms[i] else ""
             dims = [d for d in range(inputs.dim()) if d != 1]
             count = inputs.numel() // inputs.shape[1]

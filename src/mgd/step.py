@@ -514,10 +514,12 @@ class TrainingRun:
 
     # ----------------------------------------------------------------------------- the step
     def accumulate_gradient(
-        self, params: Tensor, buffers: Tensor, inputs: StepInputs, step: int, *, create_graph: bool
+        self, params: Tensor, buffers: Tensor, inputs: StepInputs, step: int, *, create_graph: bool,
+        entering: list[Tensor] | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """``Σ_chunks ∇_θ (loss of the chunk)`` on this rank, the new BatchNorm statistics and
-        the per-example losses (detached). With ``create_graph`` the gradient keeps its graph.
+        the per-example losses (detached). With ``create_graph`` the gradient keeps its graph;
+        ``entering`` (a list) receives the statistics each micro-batch starts from.
 
         The one loop over micro-batches, so a step computed with and without a graph adds the
         same terms in the same order.
@@ -525,9 +527,11 @@ class TrainingRun:
         grad, losses = None, []
         with torch.enable_grad():
             for c, span in enumerate(self.chunks(inputs)):
+                if entering is not None:
+                    entering.append(buffers)
                 loss, chunk_losses, buffers = self.chunk_losses(params, buffers, inputs, step, c, span)
                 if create_graph:
-                    (g,) = _second_order_grad(loss, params, self.stateless.module)
+                    (g,) = second_order_grad(loss, params, self.stateless.module)
                 else:
                     (g,) = torch.autograd.grad(loss, params)
                     buffers = buffers.detach()
@@ -535,11 +539,14 @@ class TrainingRun:
                 losses.append(chunk_losses.detach())
         return grad, buffers, torch.cat(losses) if len(losses) > 1 else losses[0]
 
-    def gradient(self, state: TrainState, inputs: StepInputs) -> tuple[Tensor, Tensor, Tensor]:
-        """``(g_t summed over ranks, new buffers, per-example losses)`` with no graph kept."""
+    def gradient(
+        self, state: TrainState, inputs: StepInputs, entering: list[Tensor] | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``(g_t summed over ranks, new buffers, per-example losses)`` with no graph kept
+        (``entering``: as for :meth:`accumulate_gradient`)."""
         params = state.params.detach().requires_grad_(True)
         grad, buffers, losses = self.accumulate_gradient(
-            params, state.buffers.detach(), inputs, state.step, create_graph=False
+            params, state.buffers.detach(), inputs, state.step, create_graph=False, entering=entering
         )
         return self.sum_over_ranks(grad), buffers.detach(), losses
 
@@ -579,10 +586,7 @@ class TrainingRun:
         with torch.enable_grad():
             params = state.params.detach().requires_grad_(True)
             buffers = state.buffers.detach().requires_grad_(True)
-            leaves = {
-                name: (value.detach().requires_grad_(True) if name in wrt else value.detach())
-                for name, value in local.items()
-            }
+            leaves = metaparameter_leaves(local, wrt)
             inputs = self.step_inputs(t, leaves)
             grad, new_buffers, losses = self.accumulate_gradient(params, buffers, inputs, t, create_graph=True)
         full_grad = self.sum_over_ranks(grad.detach())
@@ -749,7 +753,7 @@ def second_backward(outputs, inputs, grad_outputs, **options):
 _CHECKED_GRAPHS: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
 
-def _second_order_grad(loss: Tensor, params: Tensor, model: nn.Module | None = None) -> tuple[Tensor, ...]:
+def second_order_grad(loss: Tensor, params: Tensor, model: nn.Module | None = None) -> tuple[Tensor, ...]:
     """``∇ loss`` with ``create_graph=True``, refusing graphs a second backward cannot walk
     (the graph is inspected once per ``model``)."""
     if model is None or model not in _CHECKED_GRAPHS:
@@ -766,6 +770,14 @@ def _second_order_grad(loss: Tensor, params: Tensor, model: nn.Module | None = N
 
 def _detached(value):
     return value.detach() if isinstance(value, Tensor) else value
+
+
+def metaparameter_leaves(local: Mapping[str, Tensor], wrt: Sequence[str]) -> dict[str, Tensor]:
+    """Detached metaparameter slices; those in ``wrt`` are leaves that require grad."""
+    return {
+        name: (value.detach().requires_grad_(True) if name in wrt else value.detach())
+        for name, value in local.items()
+    }
 
 
 def add_into(total: dict[str, Tensor], wrt: Sequence[str], extra: Sequence[Tensor | None]) -> None:

@@ -53,9 +53,13 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
+from mgd.batches import tree_leaves, tree_map
 from mgd.distributed import first_line
 from mgd.errors import UserError
-from mgd.step import _second_order_grad, GradGraph, TrainingRun, TrainState, add_into, second_backward, zeros_for_none
+from mgd.step import (
+    GradGraph, TrainingRun, TrainState, add_into, metaparameter_leaves, second_backward, second_order_grad,
+    zeros_for_none,
+)
 
 __all__ = [
     "StepVJP", "VJPResult", "GradGraph", "pull_back", "double_backward_vjp", "mixed_mode_vjp", "MixedModeFallback",
@@ -157,28 +161,18 @@ def double_backward_vjp(
     of one micro-batch.
     """
     t = state.step
-    leaves = {
-        name: (value.detach().requires_grad_(True) if name in wrt else value.detach())
-        for name, value in local.items()
-    }
+    if run.micro_batch is None or len(run.shard_indices(t)) <= run.micro_batch:
+        graph = run.linearize(state, local, wrt)
+        return pull_back(run, state, graph, wrt, adjoint, graph.losses)
+    leaves = metaparameter_leaves(local, wrt)
     with torch.enable_grad():
         inputs = run.step_inputs(t, leaves)
     spans = run.chunks(inputs)
-    if len(spans) == 1:
-        graph = run.linearize(state, local, wrt)
-        return pull_back(run, state, graph, wrt, adjoint, graph.losses)
-    # The full gradient first (no graph), for the update's VJP.
-    grad, _, losses = run.gradient(state, _constant(inputs))
+    # The full gradient first (no graph), for the update's VJP; it also gives the BatchNorm
+    # statistics each micro-batch starts from.
+    entering: list[Tensor] = []
+    grad, _, losses = run.gradient(state, _constant(inputs), entering)
     g_bar, theta_bar, moments_bar, update_bar = run.update_pullback(state, grad, inputs, leaves, wrt, adjoint)
-    # The BatchNorm statistics entering each micro-batch (a forward without gradients).
-    entering = [state.buffers.detach()]
-    if not run.has_buffers:
-        entering = entering * len(spans)
-    else:
-        with torch.no_grad():
-            for c, span in enumerate(spans[:-1]):
-                _, _, b = run.chunk_losses(state.params.detach(), entering[-1], _constant(inputs), t, c, span)
-                entering.append(b.detach())
     params_bar = torch.zeros_like(state.params)
     buffers_bar = adjoint[-1]
     loss_bar: dict[str, Tensor] = {name: torch.zeros_like(leaves[name]) for name in wrt}
@@ -187,7 +181,7 @@ def double_backward_vjp(
             params = state.params.detach().requires_grad_(True)
             buffers = entering[c].detach().requires_grad_(True)
             loss, _, new_buffers = run.chunk_losses(params, buffers, inputs, t, c, spans[c])
-            (g,) = _second_order_grad(loss, params, run.stateless.module)
+            (g,) = second_order_grad(loss, params, run.stateless.module)
             outputs, seeds = [g], [g_bar]
             if new_buffers.requires_grad:
                 outputs.append(new_buffers)
@@ -206,8 +200,6 @@ def double_backward_vjp(
 
 def _constant(inputs):
     """The same inputs with every tensor detached (no graph to the metaparameters)."""
-    from mgd.batches import tree_map
-
     return replace(
         inputs,
         batch=tree_map(lambda t: t.detach(), inputs.batch),
@@ -269,13 +261,10 @@ def mixed_mode_vjp(
         return reverse_over_reverse(blocker)
     t = state.step
     params, *opt_state, buffers = state.tensors()
-    leaves = {
-        name: (value.detach().requires_grad_(True) if name in wrt else value.detach())
-        for name, value in local.items()
-    }
+    leaves = metaparameter_leaves(local, wrt)
     with torch.enable_grad():
         inputs = run.step_inputs(t, leaves)
-    if any(x.requires_grad for x in _leaves_of(inputs.batch)):
+    if any(x.requires_grad for x in tree_leaves(inputs.batch)):
         return reverse_over_reverse("a metaparameter changes the training inputs")
     constant = _constant(inputs)
     if grad is None:
@@ -316,9 +305,3 @@ def mixed_mode_vjp(
         extra = torch.autograd.grad(weights, [leaves[name] for name in wrt], weight_bar, allow_unused=True)
     adjoint_t = (theta_bar, *moments_bar, torch.zeros_like(buffers))
     return VJPResult(adjoint_t, update_bar, _loss_bar(wrt, leaves, extra), torch.cat(primals))
-
-
-def _leaves_of(batch):
-    from mgd.batches import tree_leaves
-
-    return tree_leaves(batch)

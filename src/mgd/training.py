@@ -9,7 +9,7 @@ dict batch, a ``Dataset``, augmentation, LoRA, ...) is a :class:`~mgd.step.Train
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from typing import Mapping
 
 import torch
 from torch import Tensor, nn
@@ -74,10 +74,6 @@ class Trainer(TrainingRun):
         if x_train.dtype != self.dtype:
             raise UserError(f"x_train is {x_train.dtype} but the model is {self.dtype}; convert one of them")
 
-    def predict(self, params: Tensor, buffers: Tensor, x: Tensor) -> Tensor:  # type: ignore[override]
-        """The model's output on ``x`` in eval mode (BatchNorm uses the running statistics)."""
-        return self.stateless.eval_call(params, buffers, (x,), {})
-
 
 def cross_entropy_objective(model, x: Tensor, y: Tensor, *, batch_size: int | None = None) -> Objective:
     """``φ(θ)``: mean cross-entropy of ``model`` (eval mode) at the given tensors.
@@ -91,5 +87,4 @@ def cross_entropy_objective(model, x: Tensor, y: Tensor, *, batch_size: int | No
 @torch.no_grad()
 def accuracy(run: TrainingRun, state: TrainState, x: Tensor, y: Tensor) -> float:
     """Fraction of ``(x, y)`` classified correctly at ``state`` (eval mode; not differentiated)."""
-    out = run.stateless.eval_call(state.params, state.buffers, (x,), {})
-    return (out.argmax(dim=1) == y).double().mean().item()
+    return (run.predict(state.params, state.buffers, x).argmax(dim=1) == y).double().mean().item()
