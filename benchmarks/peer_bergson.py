@@ -660,16 +660,11 @@ def main(argv: list[str] | None = None) -> int:
         ref = full_unroll_reference(
             optimizer=args.optimizer, steps=args.check_steps, seed=args.seed, lr=args.lr
         )
-        chk = run_bergson(
-            optimizer=args.optimizer,
-            steps=args.check_steps,
-            seed=args.seed,
-            dtype=torch.float64,
-            lr=args.lr,
-            threads=args.threads,
-            warmup_steps=0,
-            torch_baseline=False,
+        check = dict(
+            optimizer=args.optimizer, steps=args.check_steps, seed=args.seed, dtype=torch.float64,
+            lr=args.lr, threads=args.threads, warmup_steps=0, torch_baseline=False,
         )
+        chk = run_bergson(**check)
         out["check_steps"] = args.check_steps
         out["check_rel_err_float64"] = relative_error(
             chk["data_weight_grad"], ref["data_weight_grad"]
@@ -677,17 +672,7 @@ def main(argv: list[str] | None = None) -> int:
         out["check_val_loss_abs_err"] = abs(chk["val_loss"] - ref["val_loss"])
         if args.optimizer == "adamw":
             # torchopt's bias correction in the float32 default dtype, for comparison.
-            chk32 = run_bergson(
-                optimizer=args.optimizer,
-                steps=args.check_steps,
-                seed=args.seed,
-                dtype=torch.float64,
-                lr=args.lr,
-                threads=args.threads,
-                warmup_steps=0,
-                torch_baseline=False,
-                default_dtype_follows=False,
-            )
+            chk32 = run_bergson(**check, default_dtype_follows=False)
             out["check_rel_err_float64_f32_bias_correction"] = relative_error(
                 chk32["data_weight_grad"], ref["data_weight_grad"]
             )

@@ -53,3 +53,29 @@ OPTIMIZERS = {
     "adam": (lambda: mgd.Adam(), 0.01),
     "adamw": (lambda: mgd.Adam(decoupled=True), 0.01),
 }
+
+
+def assert_cli_finite_differences(tmp_path, grads, train, sizes, key, h=1e-5, rtol=1e-6):
+    """Central differences of whole ``mgd train`` runs at ``1 ± h·d`` against ``mgd grad``.
+
+    ``train(flag, path, out)`` runs ``mgd train`` with a metaparameter file and returns its
+    result directory; ``key`` is the value read from its ``result.json``; ``sizes`` maps
+    ``(name, flag)`` to the metaparameter's length.
+    """
+    import json
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for (name, flag), size in sizes.items():
+        d = rng.standard_normal(size)
+        d /= np.linalg.norm(d)
+        values = []
+        for sign in (+1, -1):
+            path = tmp_path / f"{name}{sign}.npy"
+            np.save(path, np.ones(size) + sign * h * d)
+            out = train(flag, path, tmp_path / f"t{name}{sign}")
+            values.append(json.loads((out / "result.json").read_text())[key])
+        fd = (values[0] - values[1]) / (2 * h)
+        exact = float(grads[name] @ d)
+        assert abs(fd - exact) <= rtol * abs(exact), (name, fd, exact)

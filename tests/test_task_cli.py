@@ -14,6 +14,8 @@ import pytest
 
 from mgd.cli.main import main
 
+from conftest import assert_cli_finite_differences
+
 # An MLP on synthetic data; the data do not depend on the seed, the initialisation and batch
 # order do. Kinds: data_weights and lr.
 MLP_TASK = """
@@ -119,21 +121,12 @@ def test_finite_differences_of_train_match_grad(tmp_path):
     with np.load(tmp_path / "g" / "metagrad.npz") as arrays:
         grads = {name: arrays[name] for name in arrays.files}
     assert result(tmp_path / "g")["run"]["dtype"] == "float64"
-    rng = np.random.default_rng(0)
-    for name, flag, size in (("data_weights", "--data-weights", 64), ("lr", "--lr-multipliers", 20)):
-        d = rng.standard_normal(size)
-        d /= np.linalg.norm(d)
-        h = 1e-5
-        values = []
-        for sign in (+1, -1):
-            path = tmp_path / f"{name}{sign}.npy"
-            np.save(path, np.ones(size) + sign * h * d)
-            out = tmp_path / f"t{name}{sign}"
-            assert main(["train", *common, flag, str(path), "--out", str(out)]) == 0
-            values.append(result(out)["val_objective"])
-        fd = (values[0] - values[1]) / (2 * h)
-        exact = float(grads[name] @ d)
-        assert abs(fd - exact) <= 1e-6 * abs(exact), (name, fd, exact)
+    def train(flag, path, out):
+        assert main(["train", *common, flag, str(path), "--out", str(out)]) == 0
+        return out
+
+    sizes = {("data_weights", "--data-weights"): 64, ("lr", "--lr-multipliers"): 20}
+    assert_cli_finite_differences(tmp_path, grads, train, sizes, "val_objective")
 
 
 def test_dict_batch_task_with_a_custom_loss(tmp_path):
