@@ -154,13 +154,13 @@ class StatelessModel:
 
     def initial_params(self) -> Tensor:
         """The trainable parameters of the user's module as one flat vector (``θ_0``)."""
-        return torch.cat([p.reshape(-1) for p in self._initial]).clone()
+        return torch.cat([p.reshape(-1) for p in self._initial])  # cat copies: no alias of the module
 
     def initial_buffers(self) -> Tensor:
         """The BatchNorm running statistics as one flat vector (empty without BatchNorm)."""
         if not self._initial_buffers:
             return torch.zeros(0, dtype=self.dtype, device=self.device)
-        return torch.cat([b.reshape(-1) for b in self._initial_buffers]).to(self.dtype).clone()
+        return torch.cat([b.reshape(-1) for b in self._initial_buffers]).to(self.dtype)
 
     def unflatten(self, params: Tensor) -> dict[str, Tensor]:
         """Views of the flat trainable vector shaped like the parameters, keyed by name."""
