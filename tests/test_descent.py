@@ -126,3 +126,26 @@ def test_reweighting_a_noisy_pool_lowers_validation_and_test_loss(digits):
     w = state.best_z["data_weights"].numpy()
     assert w[corrupted].mean() < 0.7 * w[~corrupted].mean()  # diagnostics: noise down-weighted
     assert test_loss(state.best_z["data_weights"]) < 0.9 * test_loss(ones)
+
+
+def test_seeds_per_step_averages_the_metagradients_of_consecutive_seeds(digits):
+    """One averaged meta-step equals the mean of the single-seed metagradients, computed apart."""
+    from mgd.replay import metagradient
+
+    def make(seed):
+        return tiny_problem(digits, mgd.SGD(momentum=0.9), steps=8, seed=seed, metaparams=("data_weights",))
+
+    ones = torch.ones(120, dtype=torch.float64)
+    records = []
+    descend(make, {"data_weights": ones}, optimizer=MetaAdam(0.1), steps=2, seeds=[3, 4, 5, 6],
+            seeds_per_step=2, on_step=lambda record, state: records.append(record))
+    singles = [metagradient(*make(seed), {"data_weights": ones}, wrt=["data_weights"]) for seed in (3, 4)]
+    mean_grad = (singles[0].grads["data_weights"] + singles[1].grads["data_weights"]) / 2
+    assert records[0].value == pytest.approx((singles[0].value + singles[1].value) / 2, rel=1e-14)
+    assert records[0].grad_norms["data_weights"] == pytest.approx(float(mean_grad.norm()), rel=1e-12)
+    # the second meta-step uses the next two seeds, the final evaluation the two after
+    assert [r.seed for r in records] == [3, 5, 3]
+    # a single-seed metagradient has another norm: the average is not one seed's in disguise
+    assert abs(float(singles[0].grads["data_weights"].norm()) - float(mean_grad.norm())) > 1e-6
+    with pytest.raises(mgd.UserError, match="seeds per meta-step"):
+        descend(make, {"data_weights": ones}, optimizer=MetaAdam(0.1), steps=1, seeds=[0], seeds_per_step=2)

@@ -209,3 +209,88 @@ def test_pool_with_one_class_is_refused(digits):
     with pytest.raises(UserError, match="2 classes"):
         S.run_selection(RunConfig(steps=5, width=8).resolved(), pool, methods=["random"],
                         crafting_seeds=[0], eval_seeds=[100])
+
+
+# ----------------------------------------------------------------------------- fair baselines
+
+
+def test_class_quotas_follow_the_pool_and_sum_to_k():
+    labels = np.array([0] * 50 + [1] * 30 + [2] * 20)
+    assert S.class_quotas(labels, 10) == {0: 5, 1: 3, 2: 2}
+    assert S.class_quotas(labels, 7) == {0: 4, 1: 2, 2: 1}  # 3.5, 2.1, 1.4: the largest remainder rounds up
+    assert sum(S.class_quotas(labels, 99).values()) == 99
+    assert S.class_quotas(labels, 100) == {0: 50, 1: 30, 2: 20}
+
+
+def test_balanced_top_k_ranks_within_each_label():
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    scores = np.array([9.0, 8.0, 7.0, 6.0, 1.0, 2.0, 3.0, 4.0])  # class 0 dominates a global ranking
+    assert list(S.top_k(scores, 4)) == [0, 1, 2, 3]
+    assert list(S.balanced_top_k(scores, labels, 4)) == [0, 1, 6, 7]
+    assert list(S.balanced_top_k(scores, labels, 4, largest=False)) == [2, 3, 4, 5]
+    with pytest.raises(UserError):
+        S.balanced_top_k(scores, labels, 9)
+
+
+def test_adam_features_match_a_hand_computed_adam_direction():
+    g = torch.tensor([[0.5, -2.0], [1.0, 0.0]], dtype=torch.float64)
+    m = torch.tensor([0.1, 0.2], dtype=torch.float64)
+    v = torch.tensor([0.01, 0.04], dtype=torch.float64)
+    out = S.adam_features(g, m, v, beta1=0.9, beta2=0.999, eps=1e-8)
+    for row in range(2):
+        for j in range(2):
+            m1 = 0.9 * m[j].item() + 0.1 * g[row, j].item()
+            v1 = 0.999 * v[j].item() + 0.001 * g[row, j].item() ** 2
+            assert out[row, j].item() == pytest.approx(m1 / (v1 + 1e-8) ** 0.5, rel=1e-12)
+
+
+def test_rademacher_projection_is_seeded_and_keeps_inner_products():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 5000, generator=gen, dtype=torch.float64)
+    a = S.rademacher_project(x, 4096, seed=1, chunk=1000)
+    assert torch.equal(a, S.rademacher_project(x, 4096, seed=1, chunk=1000))
+    assert torch.allclose(a, S.rademacher_project(x, 4096, seed=1, chunk=500))  # chunking changes only round-off
+    assert not torch.equal(a, S.rademacher_project(x, 4096, seed=2, chunk=1000))
+    exact, projected = x @ x.T, a @ a.T
+    # Johnson-Lindenstrauss: relative error of the Gram matrix about 1/sqrt(4096) per entry
+    assert (projected - exact).abs().max() / exact.diagonal().mean() < 0.1
+
+
+def test_less_uses_adam_features_and_every_score_baseline_tunes_its_balance(digits):
+    pool = S.corrupt_pool(digits, label_noise=0.3, seed=0)
+    ctx = S.SelectionContext(RunConfig(steps=20, width=8).resolved(), pool, 300, [0, 1, 2], run_seconds=0.1)
+    candidates = [S.select_less(ctx), S.select_val_agreement(ctx),
+                  *S.select_by_early_training(ctx, ["small-loss"], fractions=(0.3,))]
+    for candidate in candidates:
+        hyper = candidate.info["hyperparameters"]
+        assert hyper["balance"] in S.BALANCE
+        assert len(candidate.info["tuning_on_val"]) == 2  # one option, both balances, on validation
+        assert len(candidate.y_train) == 300
+    less = candidates[0].info["hyperparameters"]
+    assert less["warmup_optimizer"].startswith("adam") and less["projection"] == "none"
+
+
+def test_small_validation_keeps_n_per_class_and_nothing_else(digits):
+    from mgd.data import small_validation
+
+    small = small_validation(digits, 5, seed=3)
+    assert np.bincount(small.y_val, minlength=10).tolist() == [5] * 10
+    rows = {tuple(r.ravel()) for r in digits.x_val}
+    assert all(tuple(r.ravel()) in rows for r in small.x_val)
+    assert small.x_train is digits.x_train and small.x_test is digits.x_test
+    again = small_validation(digits, 5, seed=3)
+    assert np.array_equal(again.x_val, small.x_val)
+    assert not np.array_equal(small_validation(digits, 5, seed=4).x_val, small.x_val)
+    with pytest.raises(UserError, match="fewer than"):
+        small_validation(digits, 1000)
+
+
+def test_command_with_a_small_validation_split_and_averaged_mgd(tmp_path):
+    out = tmp_path / "run"
+    assert main(["select", "--dataset", "digits", "--methods", "val-agreement,mgd", "--meta-steps", "2",
+                 "--val-per-class", "3", "--seeds-per-step", "2", "--subset-seeds", "2",
+                 "--out", str(out), *TINY]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["config"]["val_per_class"] == 3
+    assert report["selection"]["mgd"]["seeds_per_step"] == 2
+    assert main(["select", "--dataset", "digits", "--seeds-per-step", "3", "--out", str(tmp_path / "x"), *TINY]) == 2

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -32,7 +32,7 @@ import numpy as np
 from mgd.errors import UserError
 from mgd.io import load_npz, write_npz
 
-__all__ = ["DATASETS", "Dataset", "load_dataset"]
+__all__ = ["DATASETS", "Dataset", "load_dataset", "small_validation"]
 
 #: Names of the built-in datasets accepted by :func:`load_dataset`.
 DATASETS: tuple[str, ...] = ("digits", "mnist1d")
@@ -125,6 +125,31 @@ class Dataset:
             "num_classes": int(self.num_classes),
             "input_shape": [int(d) for d in self.input_shape],
         }
+
+
+def small_validation(dataset: Dataset, per_class: int, *, seed: int = 0) -> Dataset:
+    """``dataset`` with its validation split cut to ``per_class`` examples of each class.
+
+    The regime of a target known from a handful of examples (e.g. 5-10 per class), where
+    training on the validation split alone is no option. The kept examples are a seeded
+    random choice within each class; the training and test splits are untouched.
+
+    Raises:
+        UserError: ``per_class < 1`` or a class with fewer validation examples than that.
+    """
+    if per_class < 1:
+        raise UserError(f"validation examples per class must be >= 1, got {per_class}")
+    rng = np.random.default_rng([seed, 0x5A11])
+    kept = []
+    for label in range(dataset.num_classes):
+        members = np.flatnonzero(dataset.y_val == label)
+        if len(members) < per_class:
+            raise UserError(
+                f"class {label} has {len(members)} validation examples, fewer than the {per_class} per class asked for"
+            )
+        kept.append(np.sort(rng.choice(members, size=per_class, replace=False)))
+    kept = np.sort(np.concatenate(kept))
+    return replace(dataset, x_val=np.ascontiguousarray(dataset.x_val[kept]), y_val=np.ascontiguousarray(dataset.y_val[kept]))
 
 
 def load_dataset(

@@ -342,6 +342,7 @@ def descend(
     maximize: bool = False,
     k: int | None = None,
     horizon: int | None = None,
+    seeds_per_step: int = 1,
     state: DescentState | None = None,
     on_step: Callable[[MetaStep, DescentState], None] | None = None,
     diagnostics: Callable[[Mapping[str, Tensor]], dict] | None = None,
@@ -359,6 +360,9 @@ def descend(
         steps: meta-steps. Meta-step ``i`` evaluates and differentiates at ``z_i``; after the
             last update one more training run evaluates the final iterate.
         seeds: crafting seeds, used round-robin.
+        seeds_per_step: average the objective and the metagradient over this many
+            consecutive crafting seeds at each meta-step (a lower-variance estimate of the
+            expected metagradient, at that many times the cost; ``1``: one seed per step).
         maximize: ascend instead of descend (e.g. poisoning).
         k: REPLAY branching factor.
         horizon: truncate each metagradient to the last ``horizon`` steps (an ablation; see
@@ -376,6 +380,8 @@ def descend(
         raise UserError(f"meta-steps must be >= 0, got {steps}")
     if not seeds:
         raise UserError("need at least one crafting seed")
+    if not 1 <= seeds_per_step <= len(seeds):
+        raise UserError(f"seeds per meta-step must be between 1 and the {len(seeds)} crafting seeds, got {seeds_per_step}")
     projections = dict(projections or {})
     fixed = dict(fixed or {})
     for name, projection in projections.items():
@@ -390,19 +396,25 @@ def descend(
 
     while state.step <= steps:
         i = state.step
-        seed = seeds[i % len(seeds)]
+        step_seeds = [seeds[(i * seeds_per_step + j) % len(seeds)] for j in range(seeds_per_step)]
         started = time.perf_counter()
-        trainer, objective = make_trainer(seed)
-        if i < steps:
-            result = metagradient(
-                trainer, objective, {**fixed, **state.z}, wrt=list(state.z), k=k, horizon=horizon
-            )
-            value, grads = result.value, result.grads
-        else:  # the final iterate is only evaluated
-            final = trainer.run({**fixed, **state.z})
-            with torch.no_grad():
-                value = float(objective(trainer.named_tensors(final.params, final.buffers)))
-            grads = {}
+        values, grads = [], {}
+        for seed in step_seeds:
+            trainer, objective = make_trainer(seed)
+            if i < steps:
+                result = metagradient(
+                    trainer, objective, {**fixed, **state.z}, wrt=list(state.z), k=k, horizon=horizon
+                )
+                values.append(result.value)
+                for name, g in result.grads.items():
+                    grads[name] = g if name not in grads else grads[name] + g
+            else:  # the final iterate is only evaluated
+                final = trainer.run({**fixed, **state.z})
+                with torch.no_grad():
+                    values.append(float(objective(trainer.named_tensors(final.params, final.buffers))))
+        value = sum(values) / len(values)
+        grads = {name: g / len(step_seeds) for name, g in grads.items()}
+        seed = step_seeds[0]
         if not math.isfinite(value):
             raise UserError(
                 f"the validation objective became {value} at meta-step {i}; lower the meta step size"

@@ -35,11 +35,17 @@ not a selection (it keeps every example, with continuous weights) and is reporte
   whose label gets the highest averaged probability. It uses exactly MGD's information.
 * ``tracin`` (Pruthi et al. 2020): ``Σ_c η ∇ℓ_i(θ_c) · Σ_v ∇ℓ_v(θ_c)`` over 10 evenly spaced
   checkpoints of one pool run (one forward-mode JVP per checkpoint); keep the largest.
-* ``less`` (LESS-style; Xia et al. 2024): warm up on a random 5% of the pool (at least one batch)
-  with the run's own optimizer for ``T/4`` steps, 4 checkpoints; per-example gradients (no
-  random projection: the model is small), score = ``Σ_c η`` · cosine similarity with the
-  validation gradients averaged within each class, maxed over classes; keep the largest. The
-  paper uses Adam features; here the features are plain gradients of the run's optimizer.
+* ``less`` (Xia et al. 2024): warm up with Adam on a random 5% of the pool (at least one
+  batch) for ``T/4`` steps, 4 checkpoints; pool features are the Adam update directions of
+  the per-example gradients from the stored moments, validation features plain gradients
+  (randomly projected to 8192 dimensions when the model has more than 65,536 parameters);
+  score = ``Σ_c η`` · cosine similarity with the validation gradients averaged within each
+  class, maxed over classes; keep the largest.
+
+Every score baseline is given its fair form: its subset is taken either by one ranking over
+the pool or within each label (keeping the pool's class balance, :func:`balanced_top_k`),
+whichever trains better on validation (:meth:`SelectionContext.choose_on_val`), together with
+its own hyperparameters.
 * ``influence`` (Koh & Liang 2017, last layer): the exact damped Hessian ``H + λI`` of the
   pool loss with respect to the head (weights and bias) at the full-pool model, penultimate
   features fixed; score ``s · ∇ℓ_i`` with ``s = (H + λI)^{-1} Σ_v ∇ℓ_v``, i.e. minus the
@@ -65,6 +71,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, replace
 from typing import Callable, Mapping, Sequence
@@ -221,6 +228,47 @@ def ranking(scores: np.ndarray, *, largest: bool = True, tiebreak: np.ndarray | 
         keys.append(sign * np.asarray(tiebreak, dtype=np.float64))
     keys.append(sign * np.asarray(scores, dtype=np.float64))
     return np.lexsort(keys)
+
+
+def class_quotas(labels: np.ndarray, k: int) -> dict[int, int]:
+    """How many of ``k`` examples each (observed) label gets, in proportion to its count.
+
+    Largest-remainder rounding, ties by label, so the quotas sum to ``k`` exactly and no class
+    gets more than it has.
+    """
+    classes, counts = np.unique(np.asarray(labels), return_counts=True)
+    exact = k * counts / counts.sum()
+    quotas = np.floor(exact).astype(np.int64)
+    for i in np.lexsort((classes, -(exact - quotas)))[: k - int(quotas.sum())]:
+        quotas[i] += 1
+    return {int(c): int(q) for c, q in zip(classes, quotas)}
+
+
+def balanced_top_k(scores: np.ndarray, labels: np.ndarray, k: int, *, largest: bool = True,
+                   tiebreak: np.ndarray | None = None) -> np.ndarray:
+    """The best ``k`` scores *within each label*, each label keeping its share of the pool
+    (:func:`class_quotas`).
+
+    A score that ranks examples across classes (a loss, a margin, a gradient similarity) can
+    keep mostly the easy classes, and a training set missing a class trains badly however clean
+    it is; ranking within each label (the label the pool gives, as no method sees the truth)
+    keeps the class balance of the pool.
+    """
+    labels = np.asarray(labels)
+    if not 1 <= k <= len(labels):
+        raise UserError(f"cannot keep {k} of {len(labels)} examples")
+    kept = []
+    for label, quota in class_quotas(labels, k).items():
+        members = np.flatnonzero(labels == label)
+        if quota:
+            local = top_k(np.asarray(scores)[members], quota, largest=largest,
+                          tiebreak=None if tiebreak is None else np.asarray(tiebreak)[members])
+            kept.append(members[local])
+    return np.sort(np.concatenate(kept))
+
+
+#: How a baseline turns its scores into a subset: one ranking over the pool, or per label.
+BALANCE = ("global", "per-class")
 
 
 def loss_scores(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -388,6 +436,29 @@ class SelectionContext:
             info=diagnostics,
         )
 
+    def choose_on_val(self, name: str, options: Sequence[tuple[dict, np.ndarray, bool]], started: float, *,
+                      info: dict | None = None) -> Candidate:
+        """The best of a baseline's forms, chosen on validation.
+
+        ``options`` are ``(hyperparameters, scores, keep the largest?)``. Each option's scores
+        become a subset in both forms of :data:`BALANCE` (one ranking over the pool, or per
+        label); each subset is trained once (the first crafting seed) and the one with the best
+        validation accuracy (then loss) is kept. That is ``2 × len(options)`` training runs of
+        tuning, counted in the cost, and no test data.
+        """
+        labels = self.dataset.y_train
+        trials = []
+        for hyper, scores, largest in options:
+            for balance in BALANCE:
+                indices = (top_k(scores, self.k, largest=largest) if balance == "global"
+                           else balanced_top_k(scores, labels, self.k, largest=largest))
+                val = self.subset_val_loss(indices, self.crafting_seeds[0])
+                trials.append(({**hyper, "balance": balance}, scores, largest, indices, val))
+        hyper, scores, largest, indices, _ = max(trials, key=lambda t: (t[4]["val_accuracy"], -t[4]["val_loss"]))
+        tuning = {", ".join(f"{k}={v}" for k, v in t[0].items()): t[4] for t in trials}
+        return self.candidate(name, indices, started, order=ranking(scores, largest=largest),
+                              info={"hyperparameters": hyper, "tuning_on_val": tuning, **(info or {})})
+
 
 def _predict_numpy(problem: Problem, state, x: Tensor) -> np.ndarray:
     with torch.no_grad():
@@ -445,9 +516,8 @@ def select_by_early_training(
     """``small-loss``, ``margin`` and ``el2n`` from one set of early-training runs.
 
     The pool is trained on for ``f · T`` steps with 3 crafting seeds (logits averaged). For each
-    method and each ``f`` the top-``k`` subset is trained once (crafting seed 0) and the ``f``
-    with the best validation accuracy (then loss) is kept: a tuning budget of
-    ``len(fractions)`` training runs per method, on validation only.
+    method, ``f`` and the balance of the subset (:data:`BALANCE`) are chosen on validation by
+    :meth:`SelectionContext.choose_on_val`: ``2 × len(fractions)`` training runs per method.
     """
     started = time.perf_counter()
     logits = early_logits(ctx, fractions, list(ctx.crafting_seeds[:3]))
@@ -457,24 +527,15 @@ def select_by_early_training(
     for name in methods:
         method_started = time.perf_counter() - shared / len(methods)
         score_fn, largest = _EARLY_SCORES[name]
-        trials = []
-        for f in fractions:
-            scores = score_fn(logits[f], y)
-            indices = top_k(scores, ctx.k, largest=largest)
-            val = ctx.subset_val_loss(indices, ctx.crafting_seeds[0])
-            trials.append((f, scores, indices, val))
-        f, scores, indices, _ = max(trials, key=lambda t: (t[3]["val_accuracy"], -t[3]["val_loss"]))
-        tuning = {str(t[0]): t[3] for t in trials}
-        out.append(ctx.candidate(
-            name, indices, method_started, order=ranking(scores, largest=largest),
-            info={"hyperparameters": {"train_fraction": f}, "tuning_on_val": tuning},
-        ))
+        options = [({"train_fraction": f}, score_fn(logits[f], y), largest) for f in fractions]
+        out.append(ctx.choose_on_val(name, options, method_started))
     return out
 
 
 def select_val_agreement(ctx: SelectionContext) -> Candidate:
     """Train on validation only (3 crafting seeds, the recipe's ``T``); keep the pool examples
-    whose label gets the highest averaged probability. No hyperparameter is tuned."""
+    whose label gets the highest averaged probability (globally or per label, chosen on
+    validation)."""
     started = time.perf_counter()
     ds = ctx.dataset
     probs = 0.0
@@ -485,7 +546,7 @@ def select_val_agreement(ctx: SelectionContext) -> Candidate:
         x_pool = torch.as_tensor(ds.x_train, dtype=problem.x_val.dtype, device=problem.x_val.device)
         probs = probs + torch.softmax(torch.as_tensor(_predict_numpy(problem, final, x_pool)), dim=1).numpy()
     scores = agreement_scores(probs / len(seeds), ds.y_train)
-    return ctx.candidate("val-agreement", top_k(scores, ctx.k), started, order=ranking(scores))
+    return ctx.choose_on_val("val-agreement", [({}, scores, True)], started)
 
 
 def _loss_vector(problem: Problem, buffers: Tensor, x: Tensor, y: Tensor) -> Callable[[Tensor], Tensor]:
@@ -523,8 +584,7 @@ def select_tracin(ctx: SelectionContext, *, checkpoints: int = 10) -> Candidate:
         direction = _val_gradient(problem, state.params, state.buffers)
         _, dots = torch.func.jvp(_loss_vector(problem, state.buffers, x_pool, y_pool), (state.params.detach(),), (direction,))
         scores += ctx.config.lr * dots.double().cpu().numpy()
-    return ctx.candidate("tracin", top_k(scores, ctx.k), started, order=ranking(scores),
-                         info={"hyperparameters": {"checkpoints": checkpoints}})
+    return ctx.choose_on_val("tracin", [({"checkpoints": checkpoints}, scores, True)], started)
 
 
 def _per_example_grads(problem: Problem, params: Tensor, buffers: Tensor, x: Tensor, y: Tensor, chunk: int = 256) -> Tensor:
@@ -538,26 +598,78 @@ def _per_example_grads(problem: Problem, params: Tensor, buffers: Tensor, x: Ten
     return torch.cat([per_example(params, x[i : i + chunk], y[i : i + chunk]) for i in range(0, len(y), chunk)])
 
 
-def select_less(ctx: SelectionContext, *, warmup_fraction: float = 0.05, checkpoints: int = 4) -> Candidate:
-    """LESS-style selection (see the module doc). Warm-up: a random ``warmup_fraction`` of the
-    pool (at least one batch), ``T/4`` steps, ``checkpoints`` checkpoints; fixed a priori."""
+def adam_features(grads: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *, beta1: float = 0.9,
+                  beta2: float = 0.999, eps: float = 1e-8) -> Tensor:
+    r"""LESS's Adam-preconditioned gradient features (Xia et al. 2024, §3 and its code).
+
+    For per-example gradients ``g`` (rows) and the warm-up optimizer's stored moments
+    ``m, v`` at a checkpoint, the feature is the direction Adam would step in were ``g`` the
+    next gradient:
+
+    .. math:: m' = \beta_1 m + (1-\beta_1) g,\quad v' = \beta_2 v + (1-\beta_2) g^2,\quad
+              \Gamma(g) = m' / \sqrt{v' + \epsilon},
+
+    without bias correction, ``ε`` inside the root, as LESS computes it.
+    """
+    m = beta1 * exp_avg + (1.0 - beta1) * grads
+    v = beta2 * exp_avg_sq + (1.0 - beta2) * grads * grads
+    return m / torch.sqrt(v + eps)
+
+
+def rademacher_project(features: Tensor, dim: int, *, seed: int, chunk: int = 4096) -> Tensor:
+    """``features @ R / √dim`` with a seeded ``±1`` matrix ``R`` of shape ``(P, dim)``, built
+    ``chunk`` rows at a time so that ``R`` is never held whole (LESS's random projection;
+    inner products are kept in expectation, Johnson-Lindenstrauss)."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    out = torch.zeros(len(features), dim, dtype=features.dtype, device=features.device)
+    for start in range(0, features.shape[1], chunk):
+        block = features[:, start : start + chunk]
+        signs = torch.randint(0, 2, (block.shape[1], dim), generator=generator).to(features) * 2 - 1
+        out += block @ signs
+    return out / math.sqrt(dim)
+
+
+#: Gradient features longer than this are randomly projected to :data:`LESS_PROJECTION` dims.
+LESS_MAX_FEATURES = 65536
+LESS_PROJECTION = 8192
+
+
+def select_less(ctx: SelectionContext, *, warmup_fraction: float = 0.05, checkpoints: int = 4,
+                warmup_lr: float = 1e-3) -> Candidate:
+    """LESS (see the module doc): warm up with Adam on a random ``warmup_fraction`` of the pool
+    (at least one batch) for ``T/4`` steps; at ``checkpoints`` evenly spaced checkpoints, pool
+    features are Adam directions (:func:`adam_features`) and validation features plain
+    gradients, projected when long (:func:`rademacher_project`); the score is LESS's
+    (:func:`less_scores`). Warm-up settings are fixed a priori; the balance of the subset is
+    chosen on validation."""
     started = time.perf_counter()
     ds = ctx.dataset
     n = len(ds.y_train)
     rng = np.random.default_rng([ctx.crafting_seeds[0], 0x1E55])
     size = min(n, max(int(round(warmup_fraction * n)), ctx.config.batch_size))
     warm = np.sort(rng.choice(n, size=size, replace=False))
-    problem = ctx.problem(ds.x_train[warm], ds.y_train[warm], ctx.crafting_seeds[0], steps=max(checkpoints, ctx.config.steps // 4))
+    adam = replace(ctx.config, optimizer="adam", lr=warmup_lr, momentum=0.0, nesterov=False)
+    problem = SelectionContext(adam, ctx.pool, ctx.k, ctx.crafting_seeds).problem(
+        ds.x_train[warm], ds.y_train[warm], ctx.crafting_seeds[0], steps=max(checkpoints, ctx.config.steps // 4))
     x_pool = torch.as_tensor(ds.x_train, dtype=problem.x_val.dtype, device=problem.x_val.device)
     y_pool = torch.as_tensor(ds.y_train, device=problem.x_val.device)
-    train_grads, val_grads = [], []
-    for state in _checkpoints(problem, checkpoints):
-        train_grads.append(_per_example_grads(problem, state.params, state.buffers, x_pool, y_pool))
-        val_grads.append(_per_example_grads(problem, state.params, state.buffers, problem.x_val, problem.y_val))
-    scores = less_scores(train_grads, val_grads, ds.y_val, [ctx.config.lr] * len(train_grads))
-    return ctx.candidate("less", top_k(scores, ctx.k), started, order=ranking(scores),
-                         info={"hyperparameters": {"warmup_examples": int(size), "checkpoints": checkpoints,
-                                                   "warmup_steps": problem.trainer.steps}})
+    project = problem.trainer.num_params > LESS_MAX_FEATURES
+    train_features, val_features = [], []
+    for j, state in enumerate(_checkpoints(problem, checkpoints)):
+        exp_avg, exp_avg_sq = state.opt_state
+        train = adam_features(_per_example_grads(problem, state.params, state.buffers, x_pool, y_pool),
+                              exp_avg, exp_avg_sq)
+        val = _per_example_grads(problem, state.params, state.buffers, problem.x_val, problem.y_val)
+        if project:  # the same projection for both, a new one per checkpoint
+            seed = int(np.random.default_rng([ctx.crafting_seeds[0], 0x1E55, j]).integers(2**62))
+            train, val = (rademacher_project(f, LESS_PROJECTION, seed=seed) for f in (train, val))
+        train_features.append(train)
+        val_features.append(val)
+    scores = less_scores(train_features, val_features, ds.y_val, [warmup_lr] * len(train_features))
+    hyper = {"warmup_examples": int(size), "checkpoints": checkpoints, "warmup_steps": problem.trainer.steps,
+             "warmup_optimizer": f"adam, lr {warmup_lr:g}",
+             "projection": LESS_PROJECTION if project else "none"}
+    return ctx.choose_on_val("less", [(hyper, scores, True)], started)
 
 
 def _head_and_features(problem: Problem, state, x: Tensor) -> tuple[Tensor, Tensor, Tensor, float]:
@@ -581,8 +693,8 @@ def _head_and_features(problem: Problem, state, x: Tensor) -> tuple[Tensor, Tens
 
 
 def select_influence(ctx: SelectionContext, *, dampings: Sequence[float] = _DAMPINGS) -> Candidate:
-    """Last-layer influence functions at the full-pool model (seed 0); the damping ``λ`` is
-    tuned on validation (one training run of the top-``k`` subset per value)."""
+    """Last-layer influence functions at the full-pool model (seed 0); the damping ``λ`` and
+    the balance are tuned on validation (:meth:`SelectionContext.choose_on_val`)."""
     started = time.perf_counter()
     problem = ctx.pool_problem(ctx.crafting_seeds[0])
     final = problem.trainer.run()
@@ -590,16 +702,14 @@ def select_influence(ctx: SelectionContext, *, dampings: Sequence[float] = _DAMP
     with torch.no_grad():
         weight, bias, pool_features, scale = _head_and_features(problem, final, x_pool)
         _, _, val_features, _ = _head_and_features(problem, final, problem.x_val)
-    trials = []
-    for damping in dampings:
-        scores = last_layer_influence_scores(weight, bias, pool_features, y_pool, val_features, problem.y_val,
-                                             damping=damping, logit_scale=scale)
-        indices = top_k(scores, ctx.k)
-        trials.append((damping, scores, indices, ctx.subset_val_loss(indices, ctx.crafting_seeds[0])))
-    damping, scores, indices, _ = max(trials, key=lambda t: (t[3]["val_accuracy"], -t[3]["val_loss"]))
-    return ctx.candidate("influence", indices, started, order=ranking(scores),
-                         info={"hyperparameters": {"damping": damping},
-                               "tuning_on_val": {str(t[0]): t[3] for t in trials}})
+    options = [
+        ({"damping": damping},
+         last_layer_influence_scores(weight, bias, pool_features, y_pool, val_features, problem.y_val,
+                                     damping=damping, logit_scale=scale),
+         True)
+        for damping in dampings
+    ]
+    return ctx.choose_on_val("influence", options, started)
 
 
 def select_oracle(ctx: SelectionContext) -> Candidate:
@@ -627,10 +737,15 @@ class MGDSettings:
     step_size: float = 0.2
     mask_prob: float = 0.5
     replay_k: int | None = None
+    #: crafting seeds whose metagradients are averaged at each meta-step
+    seeds_per_step: int = 1
+    #: training runs (seeds) averaged when scoring each iterate's top-k subset on validation
+    subset_seeds: int = 1
 
     def to_dict(self) -> dict:
         return {"meta_steps": self.meta_steps, "step_size": self.step_size, "mask_prob": self.mask_prob,
-                "replay_k": self.replay_k}
+                "replay_k": self.replay_k, "seeds_per_step": self.seeds_per_step,
+                "subset_seeds": self.subset_seeds}
 
 
 def mgd_select(
@@ -672,7 +787,8 @@ def mgd_select(
 
     optimizer = SignedStep(settings.step_size, settings.mask_prob, mask_seed=seeds[0])
     state = descend(make_trainer, z0, optimizer=optimizer, projections={"data_weights": Box(0.0, None)},
-                    steps=settings.meta_steps, seeds=seeds, k=settings.replay_k, on_step=on_step, progress=progress)
+                    steps=settings.meta_steps, seeds=seeds, k=settings.replay_k, seeds_per_step=settings.seeds_per_step,
+                    on_step=on_step, progress=progress)
     mgd_seconds = time.perf_counter() - started
 
     # Choose the iterate for selection on validation: train each iterate's top-k subset once.
@@ -680,8 +796,9 @@ def mgd_select(
     subsets = []
     for i, w in enumerate(iterates):
         indices = top_k(w, ctx.k, tiebreak=trajectory[i] / (i + 1))
-        val = ctx.subset_val_loss(indices, seeds[i % len(seeds)])
-        history[i]["subset_val_loss"], history[i]["subset_val_accuracy"] = val["val_loss"], val["val_accuracy"]
+        runs = [ctx.subset_val_loss(indices, seeds[(i + j) % len(seeds)]) for j in range(settings.subset_seeds)]
+        history[i]["subset_val_loss"] = float(np.mean([r["val_loss"] for r in runs]))
+        history[i]["subset_val_accuracy"] = float(np.mean([r["val_accuracy"] for r in runs]))
         history[i]["subset_precision"] = ctx.pool.composition(indices)["precision"]
         subsets.append(indices)
     chosen = min(range(len(iterates)), key=lambda i: (history[i]["subset_val_loss"], i))

@@ -28,10 +28,11 @@ from mgd.cli.common import (
     configure_torch,
     non_negative_int,
     positive_float,
+    positive_int,
     progress_bars,
     seed_list,
 )
-from mgd.data import load_dataset
+from mgd.data import load_dataset, small_validation
 from mgd.errors import UserError
 from mgd.io import atomic_write_bytes
 from mgd.plots import pyplot, save_figure
@@ -70,6 +71,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--duplicates", type=_fraction, metavar="RATE",
                    help="fraction of the pool overwritten by near-copies of a few examples")
     c.add_argument("--corruption-seed", type=int, default=0, help="(default: %(default)s)")
+    c.add_argument("--val-per-class", type=non_negative_int, default=0, metavar="N",
+                   help="keep only N validation examples per class (a seeded choice, --corruption-seed): "
+                        "a target known from a few examples; 0 keeps the whole validation split "
+                        "(default: %(default)s)")
     m = parser.add_argument_group("methods")
     m.add_argument("--methods", default=",".join(METHODS),
                    help="comma list of methods to run (default: all: %(default)s)")
@@ -79,6 +84,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="MGD signed step size on the weights (default: %(default)s)")
     m.add_argument("--mask-prob", type=float, default=MGDSettings().mask_prob,
                    help="probability that a weight is updated at a meta-step (default: %(default)s)")
+    m.add_argument("--seeds-per-step", type=positive_int, default=MGDSettings().seeds_per_step,
+                   help="MGD: average the metagradient over this many crafting seeds per meta-step "
+                        "(default: %(default)s)")
+    m.add_argument("--subset-seeds", type=positive_int, default=MGDSettings().subset_seeds,
+                   help="MGD: training runs averaged when each iterate's top-k subset is scored on "
+                        "validation to choose the iterate (default: %(default)s)")
     m.add_argument("--crafting-seeds", type=seed_list, default=[0, 1, 2, 3, 4],
                    help="seeds for MGD and the baselines (default: 0,1,2,3,4)")
     m.add_argument("--eval-seeds", type=seed_list, default=list(range(100, 110)),
@@ -123,14 +134,22 @@ def run(args: argparse.Namespace) -> int:
     configure_torch(args)
     args.label_noise = 0.0  # the pool is corrupted here, not by the training recipe
     config = config_from_args(args)
-    settings = MGDSettings(args.meta_steps, args.meta_lr, args.mask_prob, args.replay_k)
+    settings = MGDSettings(args.meta_steps, args.meta_lr, args.mask_prob, args.replay_k,
+                           seeds_per_step=args.seeds_per_step, subset_seeds=args.subset_seeds)
+    if args.seeds_per_step > len(args.crafting_seeds):
+        raise UserError(f"--seeds-per-step {args.seeds_per_step} exceeds the {len(args.crafting_seeds)} "
+                        "--crafting-seeds; give more crafting seeds or average fewer")
     run_config = {
         "run": config.to_dict(), "budget": args.budget, "corruption": {**rates, "seed": args.corruption_seed},
+        "val_per_class": args.val_per_class,
         "methods": methods, "mgd": settings.to_dict(), "crafting_seeds": args.crafting_seeds,
         "eval_seeds": args.eval_seeds, "threads": args.threads,
     }
     run_dir = RunDirectory.open(args.out, args.resume, command="select", config=run_config)
-    pool = corrupt_pool(load_dataset(config.dataset), seed=args.corruption_seed, **rates)
+    dataset = load_dataset(config.dataset)
+    if args.val_per_class:
+        dataset = small_validation(dataset, args.val_per_class, seed=args.corruption_seed)
+    pool = corrupt_pool(dataset, seed=args.corruption_seed, **rates)
     finished = _load_candidates(run_dir)
 
     total_candidates = sum(2 if m == "mgd" else 1 for m in methods)
@@ -145,6 +164,8 @@ def run(args: argparse.Namespace) -> int:
     report["config"] = run_config
     described = ", ".join(f"{k.replace('_', ' ')} {v:g}" for k, v in rates.items() if v) or "none"
     title = f"mgd select on {pool.dataset.name}: budget {args.budget:g}, corruption: {described}"
+    if args.val_per_class:
+        title += f", {args.val_per_class} validation examples per class"
     text = write_report(run_dir, report, title) + selection_markdown(report)
     atomic_write_bytes(run_dir.path / "report.md", text.encode())
     _plot_precision(run_dir, report)
