@@ -64,11 +64,11 @@ class Cell:
 
 
 def select_cells(seeds) -> list[Cell]:
-    cells = []
-    for dataset in DATASETS:
-        for budget in SELECT_BUDGETS:
-            for val in SELECT_VAL:
-                for seed in seeds:
+    cells = []  # seeds outermost, so that a partial protocol covers every configuration
+    for seed in seeds:
+        for dataset in DATASETS:
+            for budget in SELECT_BUDGETS:
+                for val in SELECT_VAL:
                     argv = ("select", "--dataset", dataset, "--corruption", "mixed", "--corruption-seed", str(seed),
                             "--budget", str(budget), "--val-per-class", str(val))
                     labels = {"dataset": dataset, "budget": budget, "val": "all" if not val else f"{val}/class",
@@ -79,9 +79,9 @@ def select_cells(seeds) -> list[Cell]:
 
 def poison_cells(seeds) -> list[Cell]:
     cells = []
-    for dataset in DATASETS:
-        for budget in POISON_BUDGETS:
-            for seed in seeds:
+    for seed in seeds:
+        for dataset in DATASETS:
+            for budget in POISON_BUDGETS:
                 argv = ("poison", "--dataset", dataset, "--budget", str(budget), "--attack-seed", str(seed))
                 cells.append(Cell("poison", f"{dataset}-b{budget}-s{seed}", argv,
                                   {"dataset": dataset, "budget": budget, "seed": seed}))
@@ -90,9 +90,9 @@ def poison_cells(seeds) -> list[Cell]:
 
 def schedule_cells(seeds) -> list[Cell]:
     cells = []
-    for dataset in DATASETS:
-        for steps in SCHEDULE_STEPS[dataset]:
-            for seed in seeds:
+    for seed in seeds:
+        for dataset in DATASETS:
+            for steps in SCHEDULE_STEPS[dataset]:
                 crafting = ",".join(str(10 * seed + j) for j in range(5))
                 argv = ("schedule", "--dataset", dataset, "--steps", str(steps), "--crafting-seeds", crafting)
                 cells.append(Cell("schedule", f"{dataset}-T{steps}-s{seed}", argv,
@@ -112,7 +112,9 @@ def run_cell(cell: Cell, out: Path, threads: int) -> None:
     command = [sys.executable, "-m", "mgd", *cell.argv, *where, "--threads", str(threads), "--quiet"]
     print(f"[robustness] {cell.app} {cell.name}: {' '.join(command[2:])}", file=sys.stderr, flush=True)
     started = time.perf_counter()
-    code = subprocess.call(command, cwd=ROOT)
+    # this checkout's mgd, whatever is installed: the protocol may run from a frozen worktree
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
+    code = subprocess.call(command, cwd=ROOT, env=env)
     seconds = time.perf_counter() - started
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "attempts.jsonl", "a") as handle:

@@ -28,7 +28,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from mgd.stateless import StatelessModel
 
 __all__ = [
-    "Loss", "logits_of", "labels_of", "cross_entropy", "causal_lm", "accuracy_of", "next_token_accuracy",
+    "Loss", "logits_of", "labels_of", "cross_entropy", "clipped_margin", "causal_lm", "accuracy_of", "next_token_accuracy",
     "Objective", "Metric", "model_inputs", "objective_value",
 ]
 
@@ -83,6 +83,24 @@ def model_inputs(batch: Batch) -> tuple[tuple, dict]:
 def cross_entropy(outputs: Any, batch: Batch) -> Tensor:
     """Per-example cross-entropy of class logits ``(B, C)`` against the batch's labels."""
     return F.cross_entropy(logits_of(outputs), labels_of(batch), reduction="none")
+
+
+def clipped_margin(kappa: float = 1.0) -> Loss:
+    r"""A per-example misclassification margin for attacks, ``min(max_{j≠y} s_j − s_y, κ)``.
+
+    Maximising its mean over a validation set pushes correctly classified examples across the
+    decision boundary, and stops rewarding an example once it is misclassified by ``κ``
+    (Carlini & Wagner 2017's clipped margin). Cross-entropy instead keeps rewarding ever more
+    confident mistakes, which raises the loss without lowering accuracy.
+    """
+
+    def margin(outputs: Any, batch: Batch) -> Tensor:
+        logits, labels = logits_of(outputs), labels_of(batch)
+        own = logits.gather(1, labels[:, None])[:, 0]
+        others = logits.masked_fill(F.one_hot(labels, logits.shape[1]).bool(), float("-inf"))
+        return torch.clamp(others.max(dim=1).values - own, max=kappa)
+
+    return margin
 
 
 def causal_lm(

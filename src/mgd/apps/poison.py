@@ -72,6 +72,7 @@ from mgd.data import Dataset
 from mgd.descent import SignedStep, descend
 from mgd.errors import UserError
 from mgd.evaluation import mean_ci
+from mgd.losses import Objective, clipped_margin
 from mgd.batches import Field
 from mgd.metaparams import PerExample, RunInfo, StepInputs
 from mgd.training import Trainer
@@ -502,7 +503,14 @@ def gradcancel(config: RunConfig, dataset: Dataset, plan: PoisonPlan, box: Poiso
 # --------------------------------------------------------------------------- MGD
 
 
-def _poison_trainer(config: RunConfig, dataset: Dataset, plan: PoisonPlan, box: PoisonBox, seed: int):
+#: What MGD maximises on validation: the cross-entropy, or the clipped margin
+#: (:func:`mgd.losses.clipped_margin`), which rewards flipping predictions rather than
+#: ever more confident mistakes.
+OBJECTIVES = ("ce", "margin")
+
+
+def _poison_trainer(config: RunConfig, dataset: Dataset, plan: PoisonPlan, box: PoisonBox, seed: int,
+                    objective: str = "ce"):
     """``(trainer with the poison_inputs kind, validation objective)`` for crafting seed ``seed``."""
     poisoned = replace(dataset, x_train=plan.x, y_train=plan.y)
     problem = build_problem(_seeded(config, seed), dataset=poisoned)
@@ -513,21 +521,33 @@ def _poison_trainer(config: RunConfig, dataset: Dataset, plan: PoisonPlan, box: 
         problem.model, base.optimizer, base.x_train, base.y_train, steps=base.steps, batch_size=base.batch_size,
         lr=base.lr, weight_decay=base.weight_decay, seed=base.seed, metaparams=[kind], warmup_steps=base.warmup_steps,
     )
+    if objective == "margin":
+        return trainer, Objective(problem.model, (problem.x_val, problem.y_val), loss=clipped_margin())
     return trainer, problem.val_objective()
 
 
 def mgd_poison(config: RunConfig, dataset: Dataset, plan: PoisonPlan, box: PoisonBox, *,
                meta_steps: int = 50, step_size: float = 0.05, crafting_seeds: Sequence[int] = (0, 1, 2, 3, 4),
+               seeds_per_step: int = 1, objective: str = "ce", recipes: Sequence[RunConfig] = (),
                name: str = "mgd", kind: str = "mgd", run_seconds: float | None = None,
                state=None, on_step: Callable | None = None, progress: Callable | None = None) -> Candidate:
-    """MGD poisoning: projected signed ascent of the validation CE on the poison inputs.
+    """MGD poisoning: projected signed ascent of a validation objective on the poison inputs.
 
     ``config`` is the *crafting* recipe (the victim's for MGD; a short non-smooth one for
-    :func:`backgradient`). ``state``/``on_step`` let a caller save and resume the descent.
-    The returned candidate's ``info["history"]`` lists the validation CE per meta-step.
+    :func:`backgradient`). ``objective`` is one of :data:`OBJECTIVES`. ``recipes``: further
+    crafting recipes (e.g. other widths or activations), so that the poisons are optimised
+    against several victims at once: crafting seed number ``i`` (its position in
+    ``crafting_seeds``) trains recipe ``i mod (1 + len(recipes))``, and with
+    ``seeds_per_step`` at least that many each meta-step averages the metagradient over
+    recipes. ``state``/``on_step`` let a caller save and resume the descent. The returned
+    candidate's ``info["history"]`` lists the validation objective per meta-step.
     """
     if meta_steps < 0:
         raise UserError(f"meta-steps must be >= 0, got {meta_steps}")
+    if objective not in OBJECTIVES:
+        raise UserError(f"the poisoning objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+    crafting = [config, *recipes]
+    position = {seed: i for i, seed in enumerate(crafting_seeds)}
     started = time.perf_counter()
     dtype = torch.float64 if config.dtype == "float64" else torch.float32
     u0 = torch.as_tensor(box.to_unit(plan.x), dtype=dtype)
@@ -542,12 +562,13 @@ def mgd_poison(config: RunConfig, dataset: Dataset, plan: PoisonPlan, box: Poiso
             on_step(step, new_state)
 
     final = descend(
-        lambda seed: _poison_trainer(config, dataset, plan, box, seed),
+        lambda seed: _poison_trainer(crafting[position[seed] % len(crafting)], dataset, plan, box, seed, objective),
         {"poison_inputs": u0},
         optimizer=SignedStep(step_size),
         projections={"poison_inputs": projection},
         steps=meta_steps,
         seeds=list(crafting_seeds),
+        seeds_per_step=seeds_per_step,
         maximize=True,
         state=state,
         on_step=record,
@@ -561,8 +582,16 @@ def mgd_poison(config: RunConfig, dataset: Dataset, plan: PoisonPlan, box: Poiso
         runs=seconds / unit if unit else math.nan, kind=kind,
         info={"best_step": final.best_step, "best_val_objective": final.best_value, "meta_steps": meta_steps,
               "step_size": step_size, "crafting_seeds": list(crafting_seeds), "crafting_steps": config.steps,
+              "seeds_per_step": seeds_per_step, "objective": objective,
+              "crafting_recipes": [describe_recipe(c) for c in crafting],
               "crafting_lr": config.lr, "history": history},
     )
+
+
+def describe_recipe(config: RunConfig) -> str:
+    """A short name of a victim recipe, e.g. ``mlp tanh 2x128, sgd lr 0.05, T=300``."""
+    return (f"{config.model} {config.activation} {config.depth}x{config.width}, {config.optimizer} lr {config.lr:g}, "
+            f"T={config.steps}")
 
 
 def backgradient_config(config: RunConfig, *, horizon: int = 60, lr: float = 0.3) -> RunConfig:
@@ -658,6 +687,9 @@ def run_poisoning(
     methods: Sequence[str] = METHODS,
     meta_steps: int = 50,
     step_size: float = 0.05,
+    seeds_per_step: int = 1,
+    objective: str = "ce",
+    craft_also: Sequence[RunConfig] = (),
     crafting_seeds: Sequence[int] = (0, 1, 2, 3, 4),
     eval_seeds: Sequence[int] = tuple(range(100, 110)),
     transfer: RunConfig | None = None,
@@ -677,6 +709,8 @@ def run_poisoning(
         budget, mode, labels: the threat model.
         methods: any of :data:`METHODS` (``no_poison`` is always evaluated).
         meta_steps, step_size: MGD's (and back-gradient's) ascent.
+        seeds_per_step, objective, craft_also: MGD's metagradient averaging, validation
+            objective and further crafting recipes (:func:`mgd_poison`).
         crafting_seeds, eval_seeds: disjoint seed sets.
         transfer: another victim recipe to evaluate the same poisons on (``None``: skip).
         attack_seed: seeds the choice of points to copy and the random baselines.
@@ -712,7 +746,8 @@ def run_poisoning(
         "backgradient": lambda: backgradient(config, dataset, plan, box, meta_steps=meta_steps, step_size=step_size,
                                              crafting_seeds=crafting_seeds, run_seconds=unit),
         "mgd": lambda: mgd_poison(config, dataset, plan, box, meta_steps=meta_steps, step_size=step_size,
-                                  crafting_seeds=crafting_seeds, run_seconds=unit, state=mgd_state,
+                                  crafting_seeds=crafting_seeds, seeds_per_step=seeds_per_step, objective=objective,
+                                  recipes=craft_also, run_seconds=unit, state=mgd_state,
                                   on_step=on_mgd_step, progress=progress),
     }
     candidates = [no_poison(dataset)]
@@ -740,6 +775,8 @@ def run_poisoning(
         "budget": budget, "poisons": int(len(plan.slots)), "mode": mode, "labels": labels,
         "train_size": int(len(plan.y)), "box": "[0,1]" if dataset.name == "digits" else "per-feature train [min,max]",
         "crafting_seeds": crafting_seeds, "meta_steps": meta_steps, "step_size": step_size,
+        "seeds_per_step": seeds_per_step, "objective": objective,
+        "crafting_recipes": [describe_recipe(c) for c in (config, *craft_also)],
         "victim": config.to_dict(), "seconds_per_training_run": unit, "sources": plan.sources.tolist(),
         "slots": plan.slots.tolist(),
     }

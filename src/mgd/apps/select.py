@@ -737,8 +737,9 @@ class MGDSettings:
     step_size: float = 0.2
     mask_prob: float = 0.5
     replay_k: int | None = None
-    #: crafting seeds whose metagradients are averaged at each meta-step
-    seeds_per_step: int = 1
+    #: crafting seeds whose metagradients are averaged at each meta-step (2: chosen on the
+    #: validation accuracy of development runs, docs/select.md)
+    seeds_per_step: int = 2
     #: training runs (seeds) averaged when scoring each iterate's top-k subset on validation
     subset_seeds: int = 1
 

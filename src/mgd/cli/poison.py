@@ -15,6 +15,7 @@ from mgd.apps.poison import (
     LABEL_REGIMES,
     METHODS,
     MODES,
+    OBJECTIVES,
     PoisonBox,
     report_text,
     run_poisoning,
@@ -28,6 +29,7 @@ from mgd.cli.common import (
     add_run_flags,
     configure_torch,
     positive_float,
+    positive_int,
     progress_bars,
     seed_list,
 )
@@ -73,6 +75,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--meta-steps", type=int, default=50, help="MGD meta-steps (default: %(default)s)")
     p.add_argument("--step-size", type=positive_float, default=0.05,
                    help="signed-step size as a fraction of each feature's range (default: %(default)s)")
+    p.add_argument("--seeds-per-step", type=positive_int, default=1,
+                   help="MGD: average the metagradient over this many crafting seeds per meta-step "
+                        "(default: %(default)s)")
+    p.add_argument("--objective", choices=OBJECTIVES, default="ce",
+                   help="what MGD maximises on validation: cross-entropy, or the clipped margin "
+                        "max_other_logit - label_logit (at most 1), which rewards flipped predictions "
+                        "(default: %(default)s)")
+    p.add_argument("--craft-also", action="append", default=[], metavar="NAME:knob=value,...",
+                   help="MGD also crafts against this recipe on top of the victim (repeatable): crafting "
+                        "seed i trains recipe i mod (1 + number of these); use --seeds-per-step to average "
+                        "over them at every meta-step")
     p.add_argument("--crafting-seeds", type=seed_list, default=[0, 1, 2, 3, 4],
                    help="seeds rotated across meta-steps and used for tuning (default: 0-4)")
     p.add_argument("--eval-seeds", type=seed_list, default=list(range(100, 110)),
@@ -118,11 +131,17 @@ def run(args: argparse.Namespace) -> int:
     if set(args.crafting_seeds) & set(args.eval_seeds):
         raise UserError("--crafting-seeds and --eval-seeds overlap; evaluation seeds must be fresh")
     transfer = _transfer(args.transfer, config)
+    if args.seeds_per_step > len(args.crafting_seeds):
+        raise UserError(f"--seeds-per-step {args.seeds_per_step} exceeds the {len(args.crafting_seeds)} "
+                        "--crafting-seeds; give more crafting seeds or average fewer")
+    craft_also = [parse_recipe(spec).apply(config) for spec in args.craft_also]
     options = {
         "budget": args.budget, "mode": args.mode, "labels": args.labels, "methods": methods,
         "meta_steps": args.meta_steps, "step_size": args.step_size, "crafting_seeds": list(args.crafting_seeds),
         "eval_seeds": list(args.eval_seeds), "transfer": transfer.to_dict() if transfer else None,
         "attack_seed": args.attack_seed, "threads": args.threads,
+        "seeds_per_step": args.seeds_per_step, "objective": args.objective,
+        "craft_also": [c.to_dict() for c in craft_also],
     }
     run_config = {"run": config.to_dict(), "poison": options}
     run_dir = RunDirectory.open(args.out, args.resume, command="poison", config=run_config)
@@ -148,7 +167,8 @@ def run(args: argparse.Namespace) -> int:
     with progress_bars(total, enabled=not args.quiet) as progress:
         report = run_poisoning(
             config, dataset, budget=args.budget, mode=args.mode, labels=args.labels, methods=methods,
-            meta_steps=args.meta_steps, step_size=args.step_size, crafting_seeds=args.crafting_seeds,
+            meta_steps=args.meta_steps, step_size=args.step_size, seeds_per_step=args.seeds_per_step,
+            objective=args.objective, craft_also=craft_also, crafting_seeds=args.crafting_seeds,
             eval_seeds=args.eval_seeds, transfer=transfer, attack_seed=args.attack_seed, finished=finished,
             on_candidate=lambda c: save_candidate(run_dir, c), mgd_state=mgd_state, on_mgd_step=on_mgd_step,
             progress=progress, eval_workers=args.eval_workers,
