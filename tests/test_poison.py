@@ -234,9 +234,53 @@ def test_command_end_to_end_and_resume(tmp_path, capsys):
     (["--methods", "mgd,bogus"], "bogus"),
     (["--eval-seeds", "0,1"], "overlap"),
     (["--meta-steps", "-1"], "meta-steps"),
+    (["--seeds-per-step", "6"], "--seeds-per-step"),
+    (["--craft-also", "wide:bogus=1"], "unknown knob"),
 ])
 def test_bad_input_is_a_one_line_error(tmp_path, capsys, extra, message):
     args = ["poison", "--dataset", "digits", *TINY, "--out", str(tmp_path / "r"), "--quiet", *extra]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------- stronger MGD
+
+
+def test_clipped_margin_on_known_logits():
+    from mgd.losses import clipped_margin
+
+    logits = torch.tensor([[3.0, 1.0, 0.0], [0.0, 2.5, 0.5], [0.0, 0.2, 0.1]], dtype=torch.float64)
+    labels = torch.tensor([0, 0, 2])
+    # best other minus own: 1 - 3 = -2; 2.5 - 0 = 2.5, clipped to 1; 0.2 - 0.1 = 0.1
+    assert torch.allclose(clipped_margin(1.0)(logits, (None, labels)), torch.tensor([-2.0, 1.0, 0.1], dtype=torch.float64))
+
+
+def test_mgd_poison_averages_over_recipes_and_maximises_the_margin(digits):
+    """Crafting against two recipes: the first meta-step's value is the mean of the two
+    recipes' validation margins on the unpoisoned copies, each from a plain training run."""
+    from dataclasses import replace as dc_replace
+
+    from mgd.apps.poison import mgd_poison
+    from mgd.losses import clipped_margin
+
+    small = dc_replace(digits, x_train=digits.x_train[:200], y_train=digits.y_train[:200])
+    cfg = tiny_config(dtype="float64")
+    other = dc_replace(cfg, activation="relu", width=12, lr=0.1)
+    plan = plan_poisons(small, budget=0.02, mode="replace", labels="fixed")
+    box = PoisonBox.for_dataset(small)
+    candidate = mgd_poison(cfg, small, plan, box, meta_steps=1, crafting_seeds=[0, 1], seeds_per_step=2,
+                           objective="margin", recipes=[other])
+    margins = []
+    for recipe, seed in ((cfg, 0), (other, 1)):
+        problem = build_problem(dc_replace(recipe, seed=seed),
+                                dataset=dc_replace(small, x_train=plan.x, y_train=plan.y))
+        final = problem.trainer.run()
+        with torch.no_grad():
+            logits = problem.trainer.predict(final.params, final.buffers, problem.x_val)
+        margins.append(float(clipped_margin()(logits, (None, problem.y_val)).mean()))
+    history = candidate.info["history"]
+    assert history[0]["val_objective"] == pytest.approx(np.mean(margins), rel=1e-9)
+    assert abs(margins[0] - margins[1]) > 1e-3  # two different recipes, not one twice
+    assert candidate.info["objective"] == "margin" and len(candidate.info["crafting_recipes"]) == 2
+    assert history[1]["val_objective"] > history[0]["val_objective"]  # one ascent step raised it
