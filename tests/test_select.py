@@ -158,16 +158,29 @@ def test_last_layer_influence_matches_autograd_reference():
     assert np.allclose(scores, (per_example @ s).numpy(), rtol=1e-8, atol=1e-10)
 
 
-def test_tracin_jvp_equals_per_example_gradient_dots(digits):
+def test_tracin_jvp_and_per_example_grads_match_a_plain_autograd_loop(digits):
+    from mgd.apps.tasks import losses_jvp, per_example_grads, sum_of_losses_gradient
+
     pool = S.corrupt_pool(replace(digits, x_train=digits.x_train[:50], y_train=digits.y_train[:50]))
     ctx = S.SelectionContext(RunConfig(steps=5, width=8, batch_size=10, dtype="float64").resolved(), pool, 10, [0])
-    problem = ctx.pool_problem(0)
-    state = problem.trainer.run()
-    x, y = problem.trainer.x_train, problem.trainer.y_train
-    direction = S._val_gradient(problem, state.params, state.buffers)
-    _, dots = torch.func.jvp(S._loss_vector(problem, state.buffers, x, y), (state.params,), (direction,))
-    grads = S._per_example_grads(problem, state.params, state.buffers, x, y, chunk=16)
-    assert torch.allclose(dots, grads @ direction, rtol=1e-9, atol=1e-12)
+    run, objective = ctx.make(0)
+    state = run.run()
+    x, y = run.x_train, run.y_train
+
+    def loss_of(params, xi, yi):  # the reference: one example at a time, plain autograd
+        params = params.detach().requires_grad_(True)
+        loss = torch.nn.functional.cross_entropy(run.predict(params, state.buffers, xi), yi, reduction="sum")
+        return torch.autograd.grad(loss, params)[0]
+
+    reference = torch.stack([loss_of(state.params, x[i : i + 1], y[i : i + 1]) for i in range(len(y))])
+    grads = per_example_grads(run, state.params, state.buffers, chunk=16)
+    assert torch.allclose(grads, reference, rtol=1e-10, atol=1e-13)
+    val_x = torch.as_tensor(digits.x_val, dtype=torch.float64)
+    val_y = torch.as_tensor(digits.y_val)
+    direction = sum_of_losses_gradient(run, state.params, state.buffers, objective.data, objective.loss)
+    assert torch.allclose(direction, loss_of(state.params, val_x, val_y), rtol=1e-10, atol=1e-12)
+    dots = losses_jvp(run, state.params, state.buffers, direction)
+    assert np.allclose(dots, (reference @ direction).numpy(), rtol=1e-9, atol=1e-12)
 
 
 def test_val_agreement_and_small_loss_drop_flipped_labels(digits):

@@ -168,6 +168,10 @@ class TensorData:
     def check_stable(self, index: Tensor) -> None:
         """In-memory tensors cannot change between reads; nothing to check."""
 
+    def take(self, index: Tensor) -> "TensorData":
+        """The examples at ``index`` (in that order) as data of their own, e.g. a selected subset."""
+        return TensorData(self.batch(torch.as_tensor(index, dtype=torch.long)))
+
 
 class DatasetData:
     """A map-style :class:`torch.utils.data.Dataset` read by index, collated into batches.
@@ -214,6 +218,11 @@ class DatasetData:
 
     def field(self, field: Field) -> Tensor:
         return get_field(self._read(torch.arange(self._size)), field)
+
+    def take(self, index: Tensor) -> "DatasetData":
+        """The examples at ``index`` (in that order), read from the same dataset by index."""
+        subset = torch.utils.data.Subset(self.dataset, torch.as_tensor(index, dtype=torch.long).tolist())
+        return DatasetData(subset, collate_fn=self.collate_fn, device=self.device)
 
     def check_stable(self, index: Tensor) -> None:
         """Read the examples at ``index`` twice and refuse a dataset whose items change."""

@@ -53,6 +53,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator, Mapping, Sequence, Union
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -302,6 +303,14 @@ class TrainingRun:
         collate_fn: Callable | None = None,
         batch_order: Callable[[int], Tensor] | None = None,
     ):
+        # what built this run, so that :meth:`replaced` can build another with a change
+        self._arguments = {
+            "model": model, "optimizer": optimizer, "steps": steps, "batch_size": batch_size, "lr": lr,
+            "loss": loss, "inputs": inputs, "weight_decay": weight_decay, "seed": seed, "schedule": schedule,
+            "warmup_steps": warmup_steps, "clip_norm": clip_norm, "micro_batch": micro_batch,
+            "trainable": trainable, "augment": augment, "metaparams": metaparams, "collective": collective,
+            "batch_order": batch_order,
+        }
         self.model = model
         self.stateless = StatelessModel(model, trainable)
         self.optimizer = optimizer
@@ -318,10 +327,35 @@ class TrainingRun:
         self._validate()
         self.order = BatchOrder(len(self.data), self.batch_size, self.seed, device=self.device)
         self._batch_order = batch_order
+        self._arguments["data"] = self.data
         self.metaparams = resolve_metaparams(metaparams)
         self.info = RunInfo(self.steps, len(self.data), self.dtype, self.device, self.lr, self.weight_decay, self.data)
         if isinstance(self.data, DatasetData):
             self.data.check_stable(self.batch_indices(0)[:8].cpu())
+
+    def replaced(self, **changes) -> "TrainingRun":
+        """The same run with some of its arguments changed (e.g. ``data=``, ``metaparams=``,
+        ``steps=``, ``seed=``): a new :class:`TrainingRun`, built from the same model (so from
+        the same initial parameters) and the same settings otherwise."""
+        unknown = sorted(set(changes) - set(self._arguments))
+        if unknown:
+            raise UserError(f"a run has no argument {unknown[0]!r} to replace")
+        return TrainingRun(**{**self._arguments, **changes})
+
+    def restricted(self, indices) -> "TrainingRun":
+        """The same run trained on the examples at ``indices`` only (a selected subset), for the
+        same number of steps; the batch size is cut to the subset's size if larger."""
+        if self._batch_order is not None:
+            raise UserError(
+                "a run with its own batch_order cannot be restricted to a subset of its data; "
+                "drop batch_order= to use the default seeded order"
+            )
+        index = torch.as_tensor(np.asarray(indices), dtype=torch.long).reshape(-1)
+        if len(index) == 0:
+            raise UserError("cannot train on an empty subset")
+        if index.min() < 0 or index.max() >= len(self.data):
+            raise UserError(f"subset indices must lie in [0, {len(self.data)})")
+        return self.replaced(data=self.data.take(index), batch_size=min(self.batch_size, len(index)))
 
     def _validate(self) -> None:
         if self.steps < 1:

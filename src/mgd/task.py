@@ -52,11 +52,16 @@ class Task:
         objective: the validation objective ``φ`` (e.g. :class:`mgd.losses.Objective`).
         metrics: further name → function of the final tensors (name → tensor dict) reported
             after training, e.g. ``{"val_accuracy": mgd.Metric(...)}``; not differentiated.
+        test: held-out metrics, e.g. ``{"test_loss": mgd.Objective(run.stateless, test_data)}``:
+            read only by the final evaluation of ``mgd select``, ``poison`` and ``schedule``
+            (after every choice was made on the objective and ``metrics``), never during
+            crafting, tuning or iterate choice.
     """
 
     run: TrainingRun
     objective: Callable[[Mapping[str, Any]], Any]
     metrics: Mapping[str, Callable[[Mapping[str, Any]], Any]] = field(default_factory=dict)
+    test: Mapping[str, Callable[[Mapping[str, Any]], Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.run, TrainingRun):
@@ -68,6 +73,14 @@ class Task:
         bad = [name for name, metric in self.metrics.items() if not callable(metric)]
         if bad:
             raise UserError(f"Task.metrics[{bad[0]!r}] is not callable")
+        if not isinstance(self.test, Mapping) or not all(isinstance(n, str) for n in self.test):
+            raise UserError("Task.test must be a dict of name -> function of the final tensors (e.g. mgd.Objective)")
+        bad = [name for name, metric in self.test.items() if not callable(metric)]
+        if bad:
+            raise UserError(f"Task.test[{bad[0]!r}] is not callable")
+        both = sorted(set(self.metrics) & set(self.test))
+        if both:
+            raise UserError(f"{both[0]!r} is both in Task.metrics and Task.test; give them distinct names")
 
 
 def as_dtype(dtype: Any) -> "torch.dtype":
@@ -181,8 +194,8 @@ def _as_task(result: Any, where: str) -> Task:
     if isinstance(result, Task):
         return result
     if isinstance(result, Mapping) and "run" in result and "objective" in result:
-        return Task(result["run"], result["objective"], result.get("metrics", {}))
-    if isinstance(result, tuple) and len(result) in (2, 3):
+        return Task(result["run"], result["objective"], result.get("metrics", {}), result.get("test", {}))
+    if isinstance(result, tuple) and len(result) in (2, 3, 4):
         return Task(*result)
     raise UserError(
         f"--task: {where} returned {type(result).__name__}; return mgd.Task(run, objective, metrics) "

@@ -24,7 +24,7 @@ from mgd.evaluation import mean_ci, parallel_map, retrain_and_evaluate
 from mgd.io import atomic_write_bytes
 
 __all__ = [
-    "Candidate", "Cost", "evaluate", "report_markdown", "with_training_set", "check_seeds",
+    "Candidate", "Cost", "evaluate", "evaluate_task", "report_markdown", "with_training_set", "check_seeds",
     "save_candidate", "load_candidate",
 ]
 
@@ -51,6 +51,8 @@ class Candidate:
     Attributes:
         name: the method's name in reports.
         x_train, y_train: the training set to train on (``None``: the dataset's own).
+        subset: for a user's task, the indices of the task's training examples to train on
+            (``None``: all of them); the built-in presets give ``x_train, y_train`` instead.
         meta: metaparameter values for training (``data_weights`` must match ``x_train``).
         cost: what producing it cost.
         kind: ``"mgd"``, ``"baseline"`` or ``"reference"`` (references, e.g. an oracle, are
@@ -62,6 +64,7 @@ class Candidate:
     x_train: np.ndarray | None = None
     y_train: np.ndarray | None = None
     meta: Mapping[str, np.ndarray] = field(default_factory=dict)
+    subset: np.ndarray | None = None
     cost: Cost = field(default_factory=Cost)
     kind: str = "baseline"
     info: dict = field(default_factory=dict)
@@ -112,68 +115,117 @@ def evaluate(
     validation accuracy, i.e. the strongest attack, instead of the highest. ``workers > 1``
     spreads the retraining runs over that many processes (identical results).
     """
+    tasks = [(config, dataset, candidate, seed) for candidate in candidates for seed in seeds]
+    return _evaluate(_train_once, tasks, candidates, seeds, attack=attack, progress=progress, workers=workers,
+                     keys=("test_accuracy", "test_loss", "val_accuracy", "val_loss"),
+                     val_key="val_accuracy", higher_is_better=True, diff_keys=("test_accuracy",),
+                     train_size=lambda c: len(c.y_train) if c.y_train is not None else len(dataset.y_train))
+
+
+def evaluate_task(
+    runs,
+    candidates: Sequence[Candidate],
+    seeds: Sequence[int],
+    *,
+    attack: bool = False,
+    progress=None,
+    workers: int = 1,
+) -> dict:
+    """:func:`evaluate` for a user's task (:class:`mgd.apps.tasks.TaskRuns`): every candidate is
+    retrained by the task function with each evaluation seed (on its subset, with its
+    metaparameters) and measured by the task's objective, ``metrics`` and held-out ``test``
+    metrics. The strongest baseline is the one with the lowest validation objective (the
+    highest, for an attack); paired differences are given for every test metric."""
+    tasks = [(runs.spec, runs.options, candidate, seed) for candidate in candidates for seed in seeds]
+    keys = ("val_objective", *runs.metric_names, *runs.test_names)
+    return _evaluate(_train_task_once, tasks, candidates, seeds, attack=attack, progress=progress, workers=workers,
+                     keys=keys, val_key="val_objective", higher_is_better=False,
+                     diff_keys=tuple(runs.test_names) or ("val_objective",),
+                     train_size=lambda c: len(c.subset) if c.subset is not None else runs.size)
+
+
+def _train_task_once(spec, options, candidate: Candidate, seed: int) -> dict:
+    from mgd.apps.tasks import TaskRuns
+
+    return TaskRuns.cached(spec, options).evaluate(candidate, seed)
+
+
+def _evaluate(train_once, tasks, candidates, seeds, *, attack, progress, workers, keys, val_key,
+              higher_is_better, diff_keys, train_size) -> dict:
     names = [c.name for c in candidates]
     if len(set(names)) != len(names):
         raise UserError(f"method names must be distinct: {names}")
     started = time.perf_counter()
-    tasks = [(config, dataset, candidate, seed) for candidate in candidates for seed in seeds]
     done = (lambda: progress("evaluate", 1)) if progress is not None else None
-    results = iter(parallel_map(_train_once, tasks, workers=workers, on_done=done))
+    results = iter(parallel_map(train_once, tasks, workers=workers, on_done=done))
     methods = {}
     for candidate in candidates:
         per_seed = [next(results) for _ in seeds]
         methods[candidate.name] = {
             "kind": candidate.kind,
-            "test_accuracy": mean_ci([r["test_accuracy"] for r in per_seed]),
-            "test_loss": mean_ci([r["test_loss"] for r in per_seed]),
-            "val_accuracy": mean_ci([r["val_accuracy"] for r in per_seed]),
-            "val_loss": mean_ci([r["val_loss"] for r in per_seed]),
+            **{key: mean_ci([r[key] for r in per_seed]) for key in keys},
             "per_seed": per_seed,
             "cost": candidate.cost.to_dict(),
-            "train_size": int(len(candidate.y_train) if candidate.y_train is not None else len(dataset.y_train)),
+            "train_size": int(train_size(candidate)),
             "info": candidate.info,
         }
     baselines = [n for n, m in methods.items() if m["kind"] == "baseline"]
-    # The reference point for paired differences is the strongest baseline by *validation*
-    # accuracy: choosing it on test would leak the test split into the comparison.
-    pick = min if attack else max
-    best = pick(baselines, key=lambda n: methods[n]["val_accuracy"]["mean"]) if baselines else None
+    # The reference point for paired differences is the strongest baseline by *validation*:
+    # choosing it on test would leak the test split into the comparison. For an attack the
+    # strongest is the one that makes validation worst.
+    pick = max if higher_is_better != attack else min
+    best = pick(baselines, key=lambda n: methods[n][val_key]["mean"]) if baselines else None
     for name, m in methods.items():
         if best is not None and name != best:
-            diffs = [a["test_accuracy"] - b["test_accuracy"]
-                     for a, b in zip(m["per_seed"], methods[best]["per_seed"])]
-            m["vs_best_baseline"] = {"baseline": best, "test_accuracy_diff": mean_ci(diffs)}
+            m["vs_best_baseline"] = {"baseline": best}
+            for key in diff_keys:
+                diffs = [a[key] - b[key] for a, b in zip(m["per_seed"], methods[best]["per_seed"])]
+                m["vs_best_baseline"][f"{key}_diff"] = mean_ci(diffs)
     return {
         "evaluation_seeds": list(seeds),
         "attack": attack,
         "best_baseline_by_val": best,
+        "keys": {"val": val_key, "test": list(diff_keys)},
         "methods": methods,
         "evaluation_seconds": time.perf_counter() - started,
     }
 
 
 def report_markdown(report: dict, title: str) -> str:
-    """The comparison table: test accuracy (mean ± 95% CI), paired difference, compute."""
+    """The comparison table: test metrics (mean ± 95% CI), paired difference, compute."""
+    keys = report.get("keys", {"val": "val_accuracy", "test": ["test_accuracy"]})
+    preset = keys["val"] == "val_accuracy"
+    strongest = ("lowest, for an attack" if report.get("attack") else "highest") if preset else (
+        "highest, for an attack" if report.get("attack") else "lowest")
     lines = [
         f"## {title}",
         "",
-        f"Retrained on {len(report['evaluation_seeds'])} fresh evaluation seeds; test accuracy and loss "
-        f"mean ± 95% CI. Paired differences are against the strongest baseline by validation "
-        f"accuracy ({'lowest, for an attack' if report.get('attack') else 'highest'}: "
-        f"{report['best_baseline_by_val']}).",
+        f"Retrained on {len(report['evaluation_seeds'])} fresh evaluation seeds; mean ± 95% CI. Paired "
+        f"differences are against the strongest baseline by validation "
+        f"{'accuracy' if preset else 'objective'} ({strongest}: {report['best_baseline_by_val']}).",
         "",
-        "| method | kind | train size | test acc (%) | test loss | Δ acc vs best baseline (pts) | cost (runs / s) |",
-        "|---|---|---|---|---|---|---|",
     ]
+    if preset:
+        lines += ["| method | kind | train size | test acc (%) | test loss | Δ acc vs best baseline (pts) | cost (runs / s) |",
+                  "|---|---|---|---|---|---|---|"]
+    else:
+        shown = list(dict.fromkeys([*keys["test"], "val_objective"]))
+        lines += [f"| method | kind | train size | {' | '.join(shown)} | Δ {keys['test'][0]} vs best baseline | cost (runs / s) |",
+                  "|---|---|---|" + "---|" * len(shown) + "---|---|"]
     for name, m in report["methods"].items():
-        acc, loss = m["test_accuracy"], m["test_loss"]
-        diff = m.get("vs_best_baseline", {}).get("test_accuracy_diff")
-        diff_text = f"{100 * diff['mean']:+.2f} ± {100 * diff['ci']:.2f}" if diff else "-"
-        lines.append(
-            f"| {name} | {m['kind']} | {m['train_size']} | {100 * acc['mean']:.2f} ± {100 * acc['ci']:.2f} "
-            f"| {loss['mean']:.4f} ± {loss['ci']:.4f} | {diff_text} "
-            f"| {m['cost']['training_runs']:.1f} / {m['cost']['seconds']:.1f} |"
-        )
+        diff = m.get("vs_best_baseline", {}).get(f"{keys['test'][0]}_diff")
+        cost = f"{m['cost']['training_runs']:.1f} / {m['cost']['seconds']:.1f}"
+        if preset:
+            acc, loss = m["test_accuracy"], m["test_loss"]
+            diff_text = f"{100 * diff['mean']:+.2f} ± {100 * diff['ci']:.2f}" if diff else "-"
+            lines.append(
+                f"| {name} | {m['kind']} | {m['train_size']} | {100 * acc['mean']:.2f} ± {100 * acc['ci']:.2f} "
+                f"| {loss['mean']:.4f} ± {loss['ci']:.4f} | {diff_text} | {cost} |"
+            )
+        else:
+            values = " | ".join(f"{m[k]['mean']:.4f} ± {m[k]['ci']:.4f}" for k in shown)
+            diff_text = f"{diff['mean']:+.4f} ± {diff['ci']:.4f}" if diff else "-"
+            lines.append(f"| {name} | {m['kind']} | {m['train_size']} | {values} | {diff_text} | {cost} |")
     return "\n".join(lines) + "\n"
 
 
@@ -195,7 +247,7 @@ def save_candidate(run_dir, candidate: Candidate) -> None:
     the two writes simply recomputes that method on resume.
     """
     arrays = {f"meta/{k}": np.asarray(v) for k, v in candidate.meta.items()}
-    for key in ("x_train", "y_train"):
+    for key in ("x_train", "y_train", "subset"):
         if getattr(candidate, key) is not None:
             arrays[key] = np.asarray(getattr(candidate, key))
     info = {}
@@ -231,6 +283,7 @@ def load_candidate(run_dir, name: str) -> Candidate | None:
         name,
         x_train=arrays.get("x_train"),
         y_train=arrays.get("y_train"),
+        subset=arrays.get("subset"),
         meta={k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("meta/")},
         cost=cost,
         kind=kind,

@@ -81,14 +81,26 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mgd.apps.protocol import Candidate, Cost, check_seeds, evaluate
-from mgd.config import Problem, RunConfig, build_problem
+from mgd.apps.protocol import Candidate, Cost, check_seeds, evaluate, evaluate_task
+from mgd.apps.tasks import (
+    TaskRuns,
+    losses_jvp,
+    objective_parts,
+    per_example_grads,
+    per_example_logits,
+    per_example_losses,
+    sum_of_losses_gradient,
+)
+from mgd.config import RunConfig, build_problem
 from mgd.corruption import label_noise as _label_noise
 from mgd.corruption import near_duplicates
 from mgd.corruption import off_distribution as off_distribution_fn
 from mgd.data import Dataset
 from mgd.descent import Box, DescentState, SignedStep, descend
 from mgd.errors import UserError, check_choices
+from mgd.losses import labels_of
+from mgd.optim import Adam
+from mgd.step import TrainingRun
 
 __all__ = [
     "METHODS",
@@ -382,59 +394,104 @@ def last_layer_influence_scores(
 
 @dataclass
 class SelectionContext:
-    """What every selection method gets: the recipe, the pool, the budget, the crafting seeds.
+    """What every selection method gets: the pool, the budget, the crafting seeds.
 
-    ``run_seconds`` is the measured time of one training run of the recipe on the pool, the
-    unit of the "training-run equivalents" reported as cost.
+    The pool is either a built-in preset (``config`` and a :class:`CorruptedPool`) or a user's
+    task (``runs``, a :class:`~mgd.apps.tasks.TaskRuns`: its training data is the pool). The
+    methods use only :meth:`make`, :meth:`subset_val_loss`, :meth:`candidate` and the pool's
+    :attr:`labels`, so each is written once for both. ``run_seconds`` is the measured time of
+    one training run on the pool, the unit of the "training-run equivalents" reported as cost.
     """
 
-    config: RunConfig
-    pool: CorruptedPool
+    config: RunConfig | None
+    pool: CorruptedPool | None
     k: int
     crafting_seeds: Sequence[int]
     run_seconds: float = float("nan")
+    runs: TaskRuns | None = None
 
     @property
     def dataset(self) -> Dataset:
         return self.pool.dataset
 
-    def problem(self, x: np.ndarray, y: np.ndarray, seed: int, *, steps: int | None = None) -> Problem:
-        """The recipe's run on training set ``(x, y)`` (validation and test untouched)."""
-        changes = {"seed": seed, "label_noise": 0.0, "batch_size": min(self.config.batch_size, len(y))}
+    @property
+    def size(self) -> int:
+        return self.runs.size if self.runs is not None else len(self.dataset.y_train)
+
+    @property
+    def labels(self) -> np.ndarray | None:
+        """The pool's class labels (``None`` for a task whose run does not classify)."""
+        return self.runs.labels if self.runs is not None else self.dataset.y_train
+
+    @property
+    def ground_truth(self) -> np.ndarray | None:
+        """Per pool example, its corruption kind (diagnostics only; ``None`` for a user's pool)."""
+        return self.pool.kind if self.pool is not None else None
+
+    def make(self, seed: int, indices: np.ndarray | None = None, *, steps: int | None = None,
+             adam_lr: float | None = None, on_validation: bool = False) -> tuple[TrainingRun, Callable]:
+        """``(run, validation objective)`` of the recipe with ``seed``: on the pool, on its subset
+        ``indices``, or on the validation data (``on_validation``); ``steps`` and an Adam
+        optimizer with learning rate ``adam_lr`` replace the recipe's when given."""
+        if self.runs is not None:
+            return self.runs.make(seed, indices, steps=None if steps is None else max(1, steps),
+                                  optimizer=Adam() if adam_lr is not None else None, lr=adam_lr,
+                                  on_objective_data=on_validation)
+        ds = self.dataset
+        if on_validation:
+            x, y = ds.x_val, ds.y_val
+        elif indices is None:
+            x, y = ds.x_train, ds.y_train
+        else:
+            x, y = ds.x_train[indices], ds.y_train[indices]
+        config = self.config
+        if adam_lr is not None:
+            config = replace(config, optimizer="adam", lr=adam_lr, momentum=0.0, nesterov=False)
+        changes = {"seed": seed, "label_noise": 0.0, "batch_size": min(config.batch_size, len(y))}
         if steps is not None:
             changes["steps"] = max(1, steps)
-        cfg = RunConfig(**{**self.config.to_dict(), **changes})
-        return build_problem(cfg, dataset=replace(self.dataset, x_train=x, y_train=y))
+        problem = build_problem(RunConfig(**{**config.to_dict(), **changes}), dataset=replace(ds, x_train=x, y_train=y))
+        return problem.trainer, problem.val_objective()
 
-    def pool_problem(self, seed: int, *, steps: int | None = None) -> Problem:
-        return self.problem(self.dataset.x_train, self.dataset.y_train, seed, steps=steps)
-
-    def subset_val_loss(self, indices: np.ndarray, seed: int, meta: Mapping[str, Tensor] | None = None) -> dict:
-        """Train on the pool subset ``indices`` with ``seed``; validation loss and accuracy."""
-        problem = self.problem(self.dataset.x_train[indices], self.dataset.y_train[indices], seed)
-        final = problem.trainer.run(meta or {})
+    def subset_val_loss(self, indices: np.ndarray | None, seed: int, meta: Mapping[str, Tensor] | None = None) -> dict:
+        """Train on the pool subset ``indices`` with ``seed``; validation loss (and accuracy)."""
+        run, objective = self.make(seed, indices)
+        final = run.run(meta or {})
+        if self.runs is not None:
+            return self.runs.validation(run, objective, final)
+        ds = self.dataset
+        x_val = torch.as_tensor(ds.x_val, dtype=run.dtype, device=run.device)
+        y_val = torch.as_tensor(ds.y_val, device=run.device)
         with torch.no_grad():
-            logits = problem.trainer.predict(final.params, final.buffers, problem.x_val)
-            loss = float(F.cross_entropy(logits.double(), problem.y_val))
-            acc = float((logits.argmax(1) == problem.y_val).double().mean())
+            logits = run.predict(final.params, final.buffers, x_val)
+            loss = float(F.cross_entropy(logits.double(), y_val))
+            acc = float((logits.argmax(1) == y_val).double().mean())
         return {"val_loss": loss, "val_accuracy": acc}
 
-    def candidate(self, name: str, indices: np.ndarray, started: float, *, kind: str = "baseline",
+    def better_on_val(self, scores: Sequence[dict]) -> int:
+        """Index of the best validation result: accuracy then loss for a preset; the task's
+        objective (what MGD optimises) for a task."""
+        if self.runs is not None:
+            return min(range(len(scores)), key=lambda i: (scores[i]["val_loss"], i))
+        return max(range(len(scores)), key=lambda i: (scores[i]["val_accuracy"], -scores[i]["val_loss"], -i))
+
+    def candidate(self, name: str, indices: np.ndarray | None, started: float, *, kind: str = "baseline",
                   order: np.ndarray | None = None, info: dict | None = None) -> Candidate:
-        """A subset candidate with its cost (since ``started``) and diagnostics."""
-        indices = np.sort(np.asarray(indices, dtype=np.int64))
+        """A subset candidate (``indices``; ``None``: the whole pool) with its cost (since
+        ``started``) and diagnostics."""
+        everything = indices is None
+        indices = np.arange(self.size) if everything else np.sort(np.asarray(indices, dtype=np.int64))
         seconds = time.perf_counter() - started
-        diagnostics = {"selection": "subset", **self.pool.composition(indices), **(info or {})}
+        diagnostics = {"selection": "whole pool" if everything else "subset", **(info or {})}
+        if self.pool is not None:
+            diagnostics.update(self.pool.composition(indices))
         if order is not None:
             diagnostics["order"] = np.asarray(order, dtype=np.int64)  # stored as an array, not in JSON
-        return Candidate(
-            name,
-            x_train=self.dataset.x_train[indices],
-            y_train=self.dataset.y_train[indices],
-            cost=Cost(seconds, seconds / self.run_seconds if self.run_seconds > 0 else float("nan")),
-            kind=kind,
-            info=diagnostics,
-        )
+        cost = Cost(seconds, seconds / self.run_seconds if self.run_seconds > 0 else float("nan"))
+        if self.runs is not None:
+            return Candidate(name, subset=None if everything else indices, cost=cost, kind=kind, info=diagnostics)
+        return Candidate(name, x_train=self.dataset.x_train[indices], y_train=self.dataset.y_train[indices],
+                         cost=cost, kind=kind, info=diagnostics)
 
     def choose_on_val(self, name: str, options: Sequence[tuple[dict, np.ndarray, bool]], started: float, *,
                       info: dict | None = None) -> Candidate:
@@ -442,31 +499,31 @@ class SelectionContext:
 
         ``options`` are ``(hyperparameters, scores, keep the largest?)``. Each option's scores
         become a subset in both forms of :data:`BALANCE` (one ranking over the pool, or per
-        label); each subset is trained once (the first crafting seed) and the one with the best
-        validation accuracy (then loss) is kept. That is ``2 × len(options)`` training runs of
-        tuning, counted in the cost, and no test data.
+        label; a pool without labels has only the first); each subset is trained once (the
+        first crafting seed) and the best on validation (:meth:`better_on_val`) is kept. That
+        is up to ``2 × len(options)`` training runs of tuning, counted in the cost, and no test
+        data.
         """
-        labels = self.dataset.y_train
+        labels = self.labels
         trials = []
         for hyper, scores, largest in options:
-            for balance in BALANCE:
+            for balance in BALANCE if labels is not None else BALANCE[:1]:
                 indices = (top_k(scores, self.k, largest=largest) if balance == "global"
                            else balanced_top_k(scores, labels, self.k, largest=largest))
                 val = self.subset_val_loss(indices, self.crafting_seeds[0])
                 trials.append(({**hyper, "balance": balance}, scores, largest, indices, val))
-        hyper, scores, largest, indices, _ = max(trials, key=lambda t: (t[4]["val_accuracy"], -t[4]["val_loss"]))
+        hyper, scores, largest, indices, _ = trials[self.better_on_val([t[4] for t in trials])]
         tuning = {", ".join(f"{k}={v}" for k, v in t[0].items()): t[4] for t in trials}
         return self.candidate(name, indices, started, order=ranking(scores, largest=largest),
                               info={"hyperparameters": hyper, "tuning_on_val": tuning, **(info or {})})
 
-
-def _predict_numpy(problem: Problem, state, x: Tensor) -> np.ndarray:
-    with torch.no_grad():
-        return problem.trainer.predict(state.params, state.buffers, x).double().cpu().numpy()
-
-
-def _pool_tensor(problem: Problem) -> tuple[Tensor, Tensor]:
-    return problem.trainer.x_train, problem.trainer.y_train
+    def require_labels(self, method: str) -> np.ndarray:
+        if self.labels is None:
+            raise UserError(
+                f"{method} needs class labels and logits, and the task's run does not classify (its "
+                "batches carry no labels or its outputs are not (batch, classes) logits); drop it from --methods"
+            )
+        return self.labels
 
 
 # =========================================================================== baselines
@@ -474,39 +531,37 @@ def _pool_tensor(problem: Problem) -> tuple[Tensor, Tensor]:
 
 def select_full(ctx: SelectionContext) -> Candidate:
     """The whole pool (not a selection: its size is ``N``, not ``k``)."""
-    started = time.perf_counter()
-    candidate = ctx.candidate("full", np.arange(len(ctx.dataset.y_train)), started)
-    candidate.info["selection"] = "whole pool"
-    return candidate
+    return ctx.candidate("full", None, time.perf_counter())
 
 
 def select_random(ctx: SelectionContext) -> Candidate:
     """``k`` uniformly random pool examples (first crafting seed)."""
     started = time.perf_counter()
     rng = np.random.default_rng([ctx.crafting_seeds[0], 0x5E1])
-    order = rng.permutation(len(ctx.dataset.y_train))
+    order = rng.permutation(ctx.size)
     return ctx.candidate("random", order[: ctx.k], started, order=order)
 
 
-_EARLY_SCORES = {  # name -> (score function, keep the largest?)
+_EARLY_SCORES = {  # name -> (score function of (logits, labels), keep the largest?)
     "small-loss": (loss_scores, False),
     "margin": (margin_scores, True),
     "el2n": (el2n_scores, False),
 }
 
 
-def early_logits(ctx: SelectionContext, fractions: Sequence[float], seeds: Sequence[int]) -> dict[float, np.ndarray]:
-    """Pool logits after ``round(f · T)`` steps for each fraction, averaged over seeds."""
-    steps = {f: max(1, int(round(f * ctx.config.steps))) for f in fractions}
+def early_outputs(ctx: SelectionContext, fractions: Sequence[float], seeds: Sequence[int], *,
+                  logits: bool) -> dict[float, np.ndarray]:
+    """Pool logits (``logits=True``) or per-example training losses after ``round(f · T)``
+    steps for each fraction, averaged over seeds."""
     sums: dict[float, np.ndarray] = {}
     for seed in seeds:
-        problem = ctx.pool_problem(seed)
-        x_pool, _ = _pool_tensor(problem)
+        run, _ = ctx.make(seed)
+        steps = {f: max(1, int(round(f * run.steps))) for f in fractions}
         state = None
         for f in sorted(fractions):
-            state = problem.trainer.run(state=state, until=steps[f])
-            logits = _predict_numpy(problem, state, x_pool)
-            sums[f] = logits if f not in sums else sums[f] + logits
+            state = run.run(state=state, until=steps[f])
+            value = per_example_logits(run, state) if logits else per_example_losses(run, state)
+            sums[f] = value if f not in sums else sums[f] + value
     return {f: s / len(seeds) for f, s in sums.items()}
 
 
@@ -515,19 +570,24 @@ def select_by_early_training(
 ) -> list[Candidate]:
     """``small-loss``, ``margin`` and ``el2n`` from one set of early-training runs.
 
-    The pool is trained on for ``f · T`` steps with 3 crafting seeds (logits averaged). For each
+    The pool is trained on for ``f · T`` steps with 3 crafting seeds (logits averaged; for a
+    task that does not classify, ``small-loss`` averages its own per-example losses). For each
     method, ``f`` and the balance of the subset (:data:`BALANCE`) are chosen on validation by
     :meth:`SelectionContext.choose_on_val`: ``2 × len(fractions)`` training runs per method.
     """
     started = time.perf_counter()
-    logits = early_logits(ctx, fractions, list(ctx.crafting_seeds[:3]))
+    labels = ctx.labels
+    for name in methods:
+        if name != "small-loss":
+            ctx.require_labels(name)
+    outputs = early_outputs(ctx, fractions, list(ctx.crafting_seeds[:3]), logits=labels is not None)
     shared = time.perf_counter() - started
-    y = ctx.dataset.y_train
     out = []
     for name in methods:
         method_started = time.perf_counter() - shared / len(methods)
         score_fn, largest = _EARLY_SCORES[name]
-        options = [({"train_fraction": f}, score_fn(logits[f], y), largest) for f in fractions]
+        options = [({"train_fraction": f}, score_fn(outputs[f], labels) if labels is not None else outputs[f], largest)
+                   for f in fractions]
         out.append(ctx.choose_on_val(name, options, method_started))
     return out
 
@@ -537,38 +597,24 @@ def select_val_agreement(ctx: SelectionContext) -> Candidate:
     whose label gets the highest averaged probability (globally or per label, chosen on
     validation)."""
     started = time.perf_counter()
-    ds = ctx.dataset
+    labels = ctx.require_labels("val-agreement")
+    pool_data = ctx.make(ctx.crafting_seeds[0])[0].data
     probs = 0.0
     seeds = list(ctx.crafting_seeds[:3])
     for seed in seeds:
-        problem = ctx.problem(ds.x_val, ds.y_val, seed)
-        final = problem.trainer.run()
-        x_pool = torch.as_tensor(ds.x_train, dtype=problem.x_val.dtype, device=problem.x_val.device)
-        probs = probs + torch.softmax(torch.as_tensor(_predict_numpy(problem, final, x_pool)), dim=1).numpy()
-    scores = agreement_scores(probs / len(seeds), ds.y_train)
+        run, _ = ctx.make(seed, on_validation=True)
+        final = run.run()
+        probs = probs + torch.softmax(torch.as_tensor(per_example_logits(run, final, pool_data)), dim=1).numpy()
+    scores = agreement_scores(probs / len(seeds), labels)
     return ctx.choose_on_val("val-agreement", [({}, scores, True)], started)
 
 
-def _loss_vector(problem: Problem, buffers: Tensor, x: Tensor, y: Tensor) -> Callable[[Tensor], Tensor]:
-    trainer = problem.trainer
-    return lambda params: F.cross_entropy(trainer.predict(params, buffers, x), y, reduction="none")
-
-
-def _val_gradient(problem: Problem, params: Tensor, buffers: Tensor) -> Tensor:
-    params = params.detach().requires_grad_(True)
-    with torch.enable_grad():
-        loss = _loss_vector(problem, buffers, problem.x_val, problem.y_val)(params).sum()
-        (grad,) = torch.autograd.grad(loss, params)
-    return grad
-
-
-def _checkpoints(problem: Problem, count: int, *, steps: int | None = None) -> list:
+def _checkpoints(run: TrainingRun, count: int) -> list:
     """States at ``count`` evenly spaced steps of one run (the last is the final state)."""
-    total = problem.trainer.steps if steps is None else steps
-    marks = sorted({max(1, int(round(total * (j + 1) / count))) for j in range(count)})
+    marks = sorted({max(1, int(round(run.steps * (j + 1) / count))) for j in range(count)})
     states, state = [], None
     for mark in marks:
-        state = problem.trainer.run(state=state, until=mark)
+        state = run.run(state=state, until=mark)
         states.append(state)
     return states
 
@@ -577,25 +623,13 @@ def select_tracin(ctx: SelectionContext, *, checkpoints: int = 10) -> Candidate:
     """TracIn with ``checkpoints`` evenly spaced checkpoints of one pool run (seed 0, fixed
     a priori). ``∇ℓ_i · G`` for all ``i`` is one forward-mode JVP along ``G = Σ_v ∇ℓ_v``."""
     started = time.perf_counter()
-    problem = ctx.pool_problem(ctx.crafting_seeds[0])
-    x_pool, y_pool = _pool_tensor(problem)
-    scores = np.zeros(len(y_pool))
-    for state in _checkpoints(problem, checkpoints):
-        direction = _val_gradient(problem, state.params, state.buffers)
-        _, dots = torch.func.jvp(_loss_vector(problem, state.buffers, x_pool, y_pool), (state.params.detach(),), (direction,))
-        scores += ctx.config.lr * dots.double().cpu().numpy()
+    run, objective = ctx.make(ctx.crafting_seeds[0])
+    val = objective_parts(objective, "tracin")
+    scores = np.zeros(ctx.size)
+    for state in _checkpoints(run, checkpoints):
+        direction = sum_of_losses_gradient(run, state.params, state.buffers, val.data, val.loss)
+        scores += run.lr * losses_jvp(run, state.params, state.buffers, direction)
     return ctx.choose_on_val("tracin", [({"checkpoints": checkpoints}, scores, True)], started)
-
-
-def _per_example_grads(problem: Problem, params: Tensor, buffers: Tensor, x: Tensor, y: Tensor, chunk: int = 256) -> Tensor:
-    trainer = problem.trainer
-
-    def one(p: Tensor, xi: Tensor, yi: Tensor) -> Tensor:
-        return F.cross_entropy(trainer.predict(p, buffers, xi[None]), yi[None])
-
-    per_example = torch.func.vmap(torch.func.grad(one), in_dims=(None, 0, 0))
-    params = params.detach()
-    return torch.cat([per_example(params, x[i : i + chunk], y[i : i + chunk]) for i in range(0, len(y), chunk)])
 
 
 def adam_features(grads: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *, beta1: float = 0.9,
@@ -643,38 +677,40 @@ def select_less(ctx: SelectionContext, *, warmup_fraction: float = 0.05, checkpo
     (:func:`less_scores`). Warm-up settings are fixed a priori; the balance of the subset is
     chosen on validation."""
     started = time.perf_counter()
-    ds = ctx.dataset
-    n = len(ds.y_train)
+    n = ctx.size
+    pool_run, _ = ctx.make(ctx.crafting_seeds[0])
     rng = np.random.default_rng([ctx.crafting_seeds[0], 0x1E55])
-    size = min(n, max(int(round(warmup_fraction * n)), ctx.config.batch_size))
+    size = min(n, max(int(round(warmup_fraction * n)), pool_run.batch_size))
     warm = np.sort(rng.choice(n, size=size, replace=False))
-    adam = replace(ctx.config, optimizer="adam", lr=warmup_lr, momentum=0.0, nesterov=False)
-    problem = SelectionContext(adam, ctx.pool, ctx.k, ctx.crafting_seeds).problem(
-        ds.x_train[warm], ds.y_train[warm], ctx.crafting_seeds[0], steps=max(checkpoints, ctx.config.steps // 4))
-    x_pool = torch.as_tensor(ds.x_train, dtype=problem.x_val.dtype, device=problem.x_val.device)
-    y_pool = torch.as_tensor(ds.y_train, device=problem.x_val.device)
-    project = problem.trainer.num_params > LESS_MAX_FEATURES
+    run, objective = ctx.make(ctx.crafting_seeds[0], warm, steps=max(checkpoints, pool_run.steps // 4),
+                              adam_lr=warmup_lr)
+    val = objective_parts(objective, "less")
+    val_labels = (np.asarray(labels_of(val.data.batch(torch.arange(len(val.data)))).cpu(), dtype=np.int64)
+                  if ctx.labels is not None else np.zeros(len(val.data), dtype=np.int64))
+    project = run.num_params > LESS_MAX_FEATURES
     train_features, val_features = [], []
-    for j, state in enumerate(_checkpoints(problem, checkpoints)):
+    for j, state in enumerate(_checkpoints(run, checkpoints)):
         exp_avg, exp_avg_sq = state.opt_state
-        train = adam_features(_per_example_grads(problem, state.params, state.buffers, x_pool, y_pool),
-                              exp_avg, exp_avg_sq)
-        val = _per_example_grads(problem, state.params, state.buffers, problem.x_val, problem.y_val)
-        if project:  # the same projection for both, a new one per checkpoint
-            seed = int(np.random.default_rng([ctx.crafting_seeds[0], 0x1E55, j]).integers(2**62))
-            train, val = (rademacher_project(f, LESS_PROJECTION, seed=seed) for f in (train, val))
-        train_features.append(train)
-        val_features.append(val)
-    scores = less_scores(train_features, val_features, ds.y_val, [warmup_lr] * len(train_features))
-    hyper = {"warmup_examples": int(size), "checkpoints": checkpoints, "warmup_steps": problem.trainer.steps,
+        seed = int(np.random.default_rng([ctx.crafting_seeds[0], 0x1E55, j]).integers(2**62))
+
+        def projected(g: Tensor) -> Tensor:  # the same projection for both, a new one per checkpoint
+            return rademacher_project(g, LESS_PROJECTION, seed=seed) if project else g
+
+        train_features.append(per_example_grads(
+            run, state.params, state.buffers, pool_run.data,
+            transform=lambda g: projected(adam_features(g, exp_avg, exp_avg_sq))))
+        val_features.append(per_example_grads(run, state.params, state.buffers, val.data, val.loss,
+                                              transform=projected))
+    scores = less_scores(train_features, val_features, val_labels, [warmup_lr] * len(train_features))
+    hyper = {"warmup_examples": int(size), "checkpoints": checkpoints, "warmup_steps": run.steps,
              "warmup_optimizer": f"adam, lr {warmup_lr:g}",
              "projection": LESS_PROJECTION if project else "none"}
     return ctx.choose_on_val("less", [(hyper, scores, True)], started)
 
 
-def _head_and_features(problem: Problem, state, x: Tensor) -> tuple[Tensor, Tensor, Tensor, float]:
+def _head_and_features(run: TrainingRun, state, x: Tensor) -> tuple[Tensor, Tensor, Tensor, float]:
     """The last linear layer's weight and bias, its inputs on ``x``, and the logit scale."""
-    model = problem.model
+    model = run.model
     linears = [(name, m) for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     if not linears:
         raise UserError("last-layer influence needs a model whose head is a linear layer")
@@ -682,29 +718,39 @@ def _head_and_features(problem: Problem, state, x: Tensor) -> tuple[Tensor, Tens
     scale = float(getattr(model[-1], "factor", 1.0)) if isinstance(model, torch.nn.Sequential) else 1.0
     captured = []
     # on the run's private copy of the model, which is what evaluation runs
-    copy_head = problem.trainer.stateless.module.get_submodule(name)
+    copy_head = run.stateless.module.get_submodule(name)
     handle = copy_head.register_forward_hook(lambda module, args, output: captured.append(args[0].detach()))
     try:
-        problem.trainer.predict(state.params.detach(), state.buffers.detach(), x)
+        run.predict(state.params.detach(), state.buffers.detach(), x)
     finally:
         handle.remove()
-    named = problem.trainer.named_tensors(state.params.detach(), state.buffers.detach())
+    named = run.named_tensors(state.params.detach(), state.buffers.detach())
     return named[f"{name}.weight"], named[f"{name}.bias"], captured[0], scale
+
+
+def _preset_only(ctx: SelectionContext, method: str) -> None:
+    if ctx.pool is None:
+        raise UserError(f"{method} is available for the built-in presets only; drop it from --methods")
 
 
 def select_influence(ctx: SelectionContext, *, dampings: Sequence[float] = _DAMPINGS) -> Candidate:
     """Last-layer influence functions at the full-pool model (seed 0); the damping ``λ`` and
-    the balance are tuned on validation (:meth:`SelectionContext.choose_on_val`)."""
+    the balance are tuned on validation (:meth:`SelectionContext.choose_on_val`). Presets only
+    (it needs the classifier's linear head on fixed features)."""
+    _preset_only(ctx, "influence")
     started = time.perf_counter()
-    problem = ctx.pool_problem(ctx.crafting_seeds[0])
-    final = problem.trainer.run()
-    x_pool, y_pool = _pool_tensor(problem)
+    run, _ = ctx.make(ctx.crafting_seeds[0])
+    final = run.run()
+    ds = ctx.dataset
+    x_pool, y_pool = run.x_train, run.y_train
+    x_val = torch.as_tensor(ds.x_val, dtype=run.dtype, device=run.device)
+    y_val = torch.as_tensor(ds.y_val, device=run.device)
     with torch.no_grad():
-        weight, bias, pool_features, scale = _head_and_features(problem, final, x_pool)
-        _, _, val_features, _ = _head_and_features(problem, final, problem.x_val)
+        weight, bias, pool_features, scale = _head_and_features(run, final, x_pool)
+        _, _, val_features, _ = _head_and_features(run, final, x_val)
     options = [
         ({"damping": damping},
-         last_layer_influence_scores(weight, bias, pool_features, y_pool, val_features, problem.y_val,
+         last_layer_influence_scores(weight, bias, pool_features, y_pool, val_features, y_val,
                                      damping=damping, logit_scale=scale),
          True)
         for damping in dampings
@@ -714,6 +760,7 @@ def select_influence(ctx: SelectionContext, *, dampings: Sequence[float] = _DAMP
 
 def select_oracle(ctx: SelectionContext) -> Candidate:
     """Reference: ``k`` random *clean* examples (all of them if fewer), by the ground truth."""
+    _preset_only(ctx, "oracle (it reads the corruption's ground truth)")
     started = time.perf_counter()
     rng = np.random.default_rng([ctx.crafting_seeds[0], 0x0AC])
     clean = rng.permutation(np.flatnonzero(ctx.pool.clean))
@@ -722,6 +769,7 @@ def select_oracle(ctx: SelectionContext) -> Candidate:
 
 def train_val_only(ctx: SelectionContext) -> Candidate:
     """Reference: train on the validation split alone (its validation numbers are meaningless)."""
+    _preset_only(ctx, "val-only")
     return Candidate("val-only", x_train=ctx.dataset.x_val, y_train=ctx.dataset.y_val, kind="reference",
                      info={"selection": "validation split, not the pool"})
 
@@ -749,6 +797,14 @@ class MGDSettings:
                 "subset_seeds": self.subset_seeds}
 
 
+def _weight_by_kind(ctx: SelectionContext, w: np.ndarray) -> dict:
+    """Mean weight per corruption kind (ground truth: diagnostics only; empty for a user's pool)."""
+    kind = ctx.ground_truth
+    if kind is None:
+        return {}
+    return {name: float(w[kind == code].mean()) for code, name in enumerate(KINDS) if (kind == code).any()}
+
+
 def mgd_select(
     ctx: SelectionContext,
     settings: MGDSettings = MGDSettings(),
@@ -766,56 +822,53 @@ def mgd_select(
     """
     started = time.perf_counter()
     seeds = list(ctx.crafting_seeds)
-    base = ctx.pool_problem(seeds[0])
-    z0 = {"data_weights": torch.ones(len(ctx.dataset.y_train), dtype=base.trainer.dtype)}
+    base, _ = ctx.make(seeds[0])
+    if "data_weights" not in base.metaparams:
+        raise UserError("MGD selection needs the data_weights metaparameter; add 'data_weights' to "
+                        "metaparams=[...] in the task function")
+    z0 = {"data_weights": torch.ones(ctx.size, dtype=base.dtype, device=base.device)}
     iterates: list[np.ndarray] = []
     history: list[dict] = []
-
-    def make_trainer(seed: int):
-        problem = ctx.pool_problem(seed)
-        return problem.trainer, problem.val_objective()
 
     def on_step(record, state: DescentState) -> None:
         w = record.iterate["data_weights"].detach().cpu().numpy().astype(np.float64)
         iterates.append(w)
-        entry = {"step": record.step, "seed": record.seed, "val_objective": record.value,
-                 "seconds": record.seconds}
-        entry["mean_weight_by_kind"] = {  # ground truth: diagnostics only
-            name: float(w[ctx.pool.kind == code].mean()) for code, name in enumerate(KINDS)
-            if (ctx.pool.kind == code).any()
-        }
-        history.append(entry)
+        history.append({"step": record.step, "seed": record.seed, "val_objective": record.value,
+                        "seconds": record.seconds, "mean_weight_by_kind": _weight_by_kind(ctx, w)})
 
     optimizer = SignedStep(settings.step_size, settings.mask_prob, mask_seed=seeds[0])
-    state = descend(make_trainer, z0, optimizer=optimizer, projections={"data_weights": Box(0.0, None)},
+    state = descend(ctx.make, z0, optimizer=optimizer, projections={"data_weights": Box(0.0, None)},
                     steps=settings.meta_steps, seeds=seeds, k=settings.replay_k, seeds_per_step=settings.seeds_per_step,
                     on_step=on_step, progress=progress)
     mgd_seconds = time.perf_counter() - started
 
-    # Choose the iterate for selection on validation: train each iterate's top-k subset once.
+    # Choose the iterate for selection on validation: train each iterate's top-k subset.
     trajectory = np.cumsum(np.stack(iterates), axis=0)
-    subsets = []
+    subsets, scores = [], []
     for i, w in enumerate(iterates):
         indices = top_k(w, ctx.k, tiebreak=trajectory[i] / (i + 1))
         runs = [ctx.subset_val_loss(indices, seeds[(i + j) % len(seeds)]) for j in range(settings.subset_seeds)]
-        history[i]["subset_val_loss"] = float(np.mean([r["val_loss"] for r in runs]))
-        history[i]["subset_val_accuracy"] = float(np.mean([r["val_accuracy"] for r in runs]))
-        history[i]["subset_precision"] = ctx.pool.composition(indices)["precision"]
+        score = {key: float(np.mean([r[key] for r in runs])) for key in runs[0]}
+        history[i].update({f"subset_{key}": value for key, value in score.items()})
+        if ctx.pool is not None:
+            history[i]["subset_precision"] = ctx.pool.composition(indices)["precision"]
         subsets.append(indices)
-    chosen = min(range(len(iterates)), key=lambda i: (history[i]["subset_val_loss"], i))
+        scores.append({"val_loss": score["val_loss"]})  # the iterate is chosen by validation loss
+    chosen = min(range(len(iterates)), key=lambda i: (scores[i]["val_loss"], i))
     selection = ctx.candidate(
         "mgd-selection", subsets[chosen], started, kind="mgd",
         order=ranking(iterates[chosen], tiebreak=trajectory[chosen] / (chosen + 1)),
         info={"chosen_iterate": chosen, "hyperparameters": settings.to_dict()},
     )
     weights = state.best_z["data_weights"].detach().cpu().numpy().astype(np.float64)
+    info = {"selection": "reweighting (whole pool, continuous weights; not a subset)",
+            "chosen_iterate": state.best_step, "hyperparameters": settings.to_dict()}
+    if ctx.ground_truth is not None:
+        info["mean_weight_by_kind"] = history[state.best_step]["mean_weight_by_kind"]
     reweighting = Candidate(
         "mgd-reweighting", meta={"data_weights": weights},
         cost=Cost(mgd_seconds, mgd_seconds / ctx.run_seconds if ctx.run_seconds > 0 else float("nan")),
-        kind="mgd",
-        info={"selection": "reweighting (whole pool, continuous weights; not a subset)",
-              "chosen_iterate": state.best_step, "hyperparameters": settings.to_dict(),
-              "mean_weight_by_kind": history[state.best_step]["mean_weight_by_kind"]},
+        kind="mgd", info=info,
     )
     return selection, reweighting, history
 
@@ -823,16 +876,25 @@ def mgd_select(
 # =========================================================================== the whole run
 
 
-def _check_pool(pool: CorruptedPool, budget: float) -> int:
+def _budget_k(budget: float, n: int) -> int:
     if not (isinstance(budget, (int, float)) and 0.0 < budget <= 1.0):
         raise UserError(f"the budget must be a fraction in (0, 1] of the pool, got {budget}")
-    n = len(pool.dataset.y_train)
     k = int(round(budget * n))
     if k < 1:
         raise UserError(f"a budget of {budget:g} keeps no example of a pool of {n}; raise the budget")
+    return k
+
+
+def _check_pool(pool: CorruptedPool, budget: float) -> int:
+    k = _budget_k(budget, len(pool.dataset.y_train))
     if len(np.unique(pool.dataset.y_train)) < 2:
         raise UserError("the pool needs examples of at least 2 classes")
     return k
+
+
+#: Methods for a user's task (``--task``): the rest need the presets' ground truth, validation
+#: split as arrays, or a linear head.
+TASK_METHODS = ("full", "random", "small-loss", "margin", "el2n", "val-agreement", "tracin", "less", "mgd")
 
 
 def resolve_methods(methods: Sequence[str]) -> list[str]:
@@ -845,9 +907,10 @@ def candidate_names(method: str) -> list[str]:
 
 
 def run_selection(
-    config: RunConfig,
-    pool: CorruptedPool,
+    config: RunConfig | None,
+    pool: CorruptedPool | None,
     *,
+    runs: TaskRuns | None = None,
     budget: float = 0.5,
     methods: Sequence[str] = METHODS,
     mgd: MGDSettings = MGDSettings(),
@@ -865,6 +928,10 @@ def run_selection(
     Args:
         config: the frozen recipe (its ``label_noise`` must be 0: corrupt the pool instead).
         pool: from :func:`corrupt_pool` (rates 0 for a user's own pool).
+        runs: instead of ``config`` and ``pool`` (both ``None``), a user's task
+            (:class:`~mgd.apps.tasks.TaskRuns`): its training data is the pool, candidates are
+            retrained by the task function and measured by its objective, metrics and test
+            metrics (:func:`mgd.apps.protocol.evaluate_task`); methods from :data:`TASK_METHODS`.
         budget: ``k / N``, in ``(0, 1]``.
         methods: names from :data:`METHODS`.
         mgd: MGD's settings.
@@ -882,14 +949,21 @@ def run_selection(
     if not crafting_seeds:
         raise UserError("need at least one crafting seed")
     check_seeds(crafting_seeds, list(eval_seeds))
-    if config.label_noise:
-        raise UserError("corrupt the pool with corrupt_pool (--label-noise of mgd select), not RunConfig.label_noise")
-    k = _check_pool(pool, budget)
-    ctx = SelectionContext(config, pool, k, crafting_seeds)
+    if runs is not None:
+        outside = [m for m in methods if m not in TASK_METHODS]
+        if outside:
+            raise UserError(f"{', '.join(outside)}: not available for a user's task (it has no ground truth, "
+                            f"validation arrays or linear head); choose from {', '.join(TASK_METHODS)}")
+        ctx = SelectionContext(None, None, _budget_k(budget, runs.size), crafting_seeds, runs=runs)
+    else:
+        if config.label_noise:
+            raise UserError("corrupt the pool with corrupt_pool (--label-noise of mgd select), not RunConfig.label_noise")
+        ctx = SelectionContext(config, pool, _check_pool(pool, budget), crafting_seeds)
+    k = ctx.k
     started = time.perf_counter()
-    ctx.pool_problem(crafting_seeds[0]).trainer.run()  # warm-up (thread pools, allocations)
+    ctx.make(crafting_seeds[0])[0].run()  # warm-up (thread pools, allocations)
     t0 = time.perf_counter()
-    ctx.pool_problem(crafting_seeds[0]).trainer.run()
+    ctx.make(crafting_seeds[0])[0].run()
     ctx.run_seconds = time.perf_counter() - t0
 
     done = dict(finished or {})
@@ -927,19 +1001,23 @@ def run_selection(
         history = done["mgd-selection"].info.get("history", history)
     for candidate in candidates:  # rankings and histories are diagnostics, not table entries
         candidate.info = {key: v for key, v in candidate.info.items() if key not in ("order", "history")}
-    report = evaluate(config, pool.dataset, candidates, list(eval_seeds), progress=progress, workers=eval_workers)
+    if runs is not None:
+        report = evaluate_task(runs, candidates, list(eval_seeds), progress=progress, workers=eval_workers)
+    else:
+        report = evaluate(config, pool.dataset, candidates, list(eval_seeds), progress=progress, workers=eval_workers)
     report["selection"] = {
         "budget": budget,
         "k": k,
-        "pool_size": len(pool.dataset.y_train),
-        "corruption": pool.rates,
-        "pool_composition": pool.composition(np.arange(len(pool.kind))),
+        "pool_size": ctx.size,
+        "corruption": pool.rates if pool is not None else None,
+        "pool_composition": pool.composition(np.arange(len(pool.kind))) if pool is not None else None,
         "crafting_seeds": crafting_seeds,
         "crafting_seconds": crafting_seconds,
         "training_run_seconds": ctx.run_seconds,
         "mgd": mgd.to_dict() if "mgd" in methods else None,
         "mgd_history": history,
-        "precision_vs_budget": precision_vs_budget(pool, {n: o for n, o in orders.items() if o is not None}),
+        "precision_vs_budget": (precision_vs_budget(pool, {n: o for n, o in orders.items() if o is not None})
+                                if pool is not None else {}),
     }
     return report
 
@@ -959,12 +1037,17 @@ def selection_markdown(report: dict) -> str:
     """The diagnostics table: precision and composition of each kept set, chosen hyperparameters."""
     sel = report["selection"]
     rates = sel["corruption"]
+    if rates is None:
+        about = ("the task's own training data (no ground truth, so no precision); test numbers come "
+                 "only from the task's test metrics after the retraining above.")
+    else:
+        about = (f"corruption: label noise {rates['label_noise']:g}, off-distribution {rates['off_distribution']:g}, "
+                 f"duplicates {rates['duplicates']:g} (seed {rates['seed']}). Precision (fraction clean) is a "
+                 "diagnostic from the ground truth, which no method reads; test numbers come only from the "
+                 "retraining above.")
     lines = [
         "",
-        f"Pool of {sel['pool_size']}, budget {sel['budget']:g} (k = {sel['k']}); corruption: label noise "
-        f"{rates['label_noise']:g}, off-distribution {rates['off_distribution']:g}, duplicates "
-        f"{rates['duplicates']:g} (seed {rates['seed']}). Precision (fraction clean) is a diagnostic from "
-        "the ground truth, which no method reads; test numbers come only from the retraining above.",
+        f"Pool of {sel['pool_size']}, budget {sel['budget']:g} (k = {sel['k']}); {about}",
         "",
         "| method | what is trained | precision | clean / label-noise / off-dist / duplicate | tuned on val |",
         "|---|---|---|---|---|",
