@@ -61,7 +61,9 @@ from __future__ import annotations
 import ast
 import builtins
 import hashlib
+import functools
 import math
+import re
 import sysconfig
 import time
 import warnings
@@ -85,7 +87,7 @@ __all__ = [
     "PoolRecipe", "LMPool", "build_pool", "tokenize",
     "ModelConfig", "FineTune", "gpt2", "pretrain", "add_lora", "LMContext", "make_context",
     "finetune_run", "train_subset", "evaluate_state", "evaluate_subset", "val_loss_of_subset",
-    "measure_run_seconds",
+    "measure_run_seconds", "source_chunks",
     "Selection", "select_random", "select_full", "select_oracle",
     "adam_direction", "rademacher_projection", "per_document_grads", "less_scores", "select_less",
     "ngram_features", "dsir_log_weights", "gumbel_top_k", "select_dsir",
@@ -112,10 +114,12 @@ def decode(ids: Sequence[int]) -> str:
     return "".join(chr(i + 31) if 1 <= i <= 95 else ("\n" if i == NEWLINE_ID else "?") for i in ids)
 
 
+_OTHER = re.compile(r"[^\x20-\x7e\n]")
+
+
 def normalise_text(text: str) -> str:
     """Tabs to 4 spaces, ``\\r\\n`` to ``\\n``, anything outside printable ASCII + newline to ``?``."""
-    text = text.replace("\r\n", "\n").expandtabs(4)
-    return "".join(c if (32 <= ord(c) <= 126 or c == "\n") else "?" for c in text)
+    return _OTHER.sub("?", text.replace("\r\n", "\n").expandtabs(4))
 
 
 def chunk_text(text: str, length: int, *, min_fill: float = 0.5) -> list[str]:
@@ -124,7 +128,7 @@ def chunk_text(text: str, length: int, *, min_fill: float = 0.5) -> list[str]:
     dropped (blank runs teach nothing but spaces)."""
     text = normalise_text(text)
     chunks = (text[i : i + length] for i in range(0, len(text) - length + 1, length))
-    return [c for c in chunks if sum(not ch.isspace() for ch in c) >= min_fill * length]
+    return [c for c in chunks if len(c.replace(" ", "").replace("\n", "")) >= min_fill * length]
 
 
 def tokenize(docs: Sequence[str], device="cpu") -> dict[str, Tensor]:
@@ -290,6 +294,20 @@ def _take(rng: np.random.Generator, items: list[str], n: int, what: str) -> tupl
     return [items[i] for i in order[:n]], [items[i] for i in order[n:]]
 
 
+@functools.lru_cache(maxsize=4)
+def source_chunks(families: tuple[str, ...], docstring_modules: tuple[str, ...], length: int):
+    """``(code, docstrings, license)``: every source's chunks, read once in a fixed order
+    (cached: reading the standard library takes seconds). A chunk seen before (e.g. a licence
+    header repeated across files) belongs to its first source only."""
+    seen: set[str] = set()
+    code = {f: tuple(_unique([c for p in _family_files(f) for c in chunk_text(_read(p), length)], seen))
+            for f in families}
+    docstrings = tuple(_unique([c for m in docstring_modules for d in _docstrings(m)
+                                for c in chunk_text(d, length)], seen))
+    license_docs = tuple(_unique(chunk_text(_license_text(), length), seen))
+    return code, docstrings, license_docs
+
+
 def build_pool(recipe: PoolRecipe = PoolRecipe()) -> LMPool:
     """The pool, target splits and general split of ``recipe`` (see the module docstring).
 
@@ -300,12 +318,8 @@ def build_pool(recipe: PoolRecipe = PoolRecipe()) -> LMPool:
         raise UserError(f"the target {recipe.target!r} must be one of the code families {recipe.families}")
     L = recipe.doc_chars
     rng = np.random.default_rng(recipe.seed)
-    seen: set[str] = set()
-    # Read every source once, in a fixed order; a chunk seen before (e.g. a licence header
-    # repeated across files) belongs to its first source only.
-    code = {f: _unique([c for p in _family_files(f) for c in chunk_text(_read(p), L)], seen) for f in recipe.families}
-    docstrings = _unique([c for m in recipe.docstring_modules for d in _docstrings(m) for c in chunk_text(d, L)], seen)
-    license_docs = _unique(chunk_text(_license_text(), L), seen)
+    code, docstrings, license_docs = source_chunks(recipe.families, recipe.docstring_modules, L)
+    code, docstrings, license_docs = {f: list(c) for f, c in code.items()}, list(docstrings), list(license_docs)
 
     n = recipe.pool_size
     n_target = int(round(recipe.target_fraction * n))

@@ -897,6 +897,28 @@ def _check_pool(pool: CorruptedPool, budget: float) -> int:
 TASK_METHODS = ("full", "random", "small-loss", "margin", "el2n", "val-agreement", "tracin", "less", "mgd")
 
 
+#: Methods that read class labels and logits.
+CLASS_METHODS = ("margin", "el2n", "val-agreement")
+
+
+def check_task_methods(runs: TaskRuns, methods: Sequence[str]) -> None:
+    """Refuse, before any work, a method a user's task cannot run (one line, with the fix)."""
+    outside = [m for m in methods if m not in TASK_METHODS]
+    if outside:
+        raise UserError(f"{', '.join(outside)}: not available for a user's task (it has no ground truth, "
+                        f"validation arrays or linear head); choose from {', '.join(TASK_METHODS)}")
+    if not runs.classification:
+        need = [m for m in methods if m in CLASS_METHODS]
+        if need:
+            raise UserError(
+                f"{', '.join(need)} need{'s' if len(need) == 1 else ''} class labels and logits, and the task's "
+                "run does not classify (its batches carry no labels or its outputs are not (batch, classes) "
+                "logits); drop them from --methods"
+            )
+    if "mgd" in methods:
+        runs.require("data_weights", "MGD selection")
+
+
 def resolve_methods(methods: Sequence[str]) -> list[str]:
     """Validate a method list (order kept)."""
     return check_choices(methods, METHODS, "--methods")
@@ -950,10 +972,7 @@ def run_selection(
         raise UserError("need at least one crafting seed")
     check_seeds(crafting_seeds, list(eval_seeds))
     if runs is not None:
-        outside = [m for m in methods if m not in TASK_METHODS]
-        if outside:
-            raise UserError(f"{', '.join(outside)}: not available for a user's task (it has no ground truth, "
-                            f"validation arrays or linear head); choose from {', '.join(TASK_METHODS)}")
+        check_task_methods(runs, methods)
         ctx = SelectionContext(None, None, _budget_k(budget, runs.size), crafting_seeds, runs=runs)
     else:
         if config.label_noise:

@@ -14,12 +14,15 @@ from mgd.apps.select import (
     KINDS,
     METHODS,
     MGDSettings,
+    TASK_METHODS,
+    check_task_methods,
     corrupt_pool,
     resolve_methods,
     run_selection,
     selection_markdown,
 )
 from mgd.cli.common import (
+    given_flags,
     add_eval_workers_flag,
     add_run_dir_flags,
     add_replay_k_flag,
@@ -31,7 +34,9 @@ from mgd.cli.common import (
     positive_int,
     progress_bars,
     seed_list,
+    track_given_flags,
 )
+from mgd.cli.task import add_task_flag, task_identity, task_runs_from_args
 from mgd.data import load_dataset, small_validation
 from mgd.errors import UserError
 from mgd.io import atomic_write_bytes
@@ -58,6 +63,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "subset is retrained on fresh evaluation seeds and read on test once. Writes report.json, "
         "report.md, precision.png and mgd_progress.png.",
     )
+    track_given_flags(parser)
+    add_task_flag(parser, reseeded=True)
     add_run_flags(parser)
     parser.set_defaults(label_noise=None)  # None: take it from --corruption
     c = parser.add_argument_group("pool and budget")
@@ -77,7 +84,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "(default: %(default)s)")
     m = parser.add_argument_group("methods")
     m.add_argument("--methods", default=",".join(METHODS),
-                   help="comma list of methods to run (default: all: %(default)s)")
+                   help="comma list of methods to run (default: all: %(default)s; with --task: "
+                        f"{','.join(TASK_METHODS)})")
     m.add_argument("--meta-steps", type=non_negative_int, default=MGDSettings().meta_steps,
                    help="MGD meta-steps (default: %(default)s)")
     m.add_argument("--meta-lr", type=positive_float, default=MGDSettings().step_size,
@@ -130,15 +138,17 @@ def run(args: argparse.Namespace) -> int:
     if args.noise_seed != 0:
         raise UserError("use --corruption-seed to seed the pool corruption (--noise-seed is not used by mgd select)")
     methods = resolve_methods(args.methods.split(","))
+    if args.seeds_per_step > len(args.crafting_seeds):
+        raise UserError(f"--seeds-per-step {args.seeds_per_step} exceeds the {len(args.crafting_seeds)} "
+                        "--crafting-seeds; give more crafting seeds or average fewer")
+    settings = MGDSettings(args.meta_steps, args.meta_lr, args.mask_prob, args.replay_k,
+                           seeds_per_step=args.seeds_per_step, subset_seeds=args.subset_seeds)
+    if args.task:
+        return _run_task(args, methods, settings)
     rates = _rates(args)
     configure_torch(args)
     args.label_noise = 0.0  # the pool is corrupted here, not by the training recipe
     config = config_from_args(args)
-    settings = MGDSettings(args.meta_steps, args.meta_lr, args.mask_prob, args.replay_k,
-                           seeds_per_step=args.seeds_per_step, subset_seeds=args.subset_seeds)
-    if args.seeds_per_step > len(args.crafting_seeds):
-        raise UserError(f"--seeds-per-step {args.seeds_per_step} exceeds the {len(args.crafting_seeds)} "
-                        "--crafting-seeds; give more crafting seeds or average fewer")
     run_config = {
         "run": config.to_dict(), "budget": args.budget, "corruption": {**rates, "seed": args.corruption_seed},
         "val_per_class": args.val_per_class,
@@ -161,19 +171,66 @@ def run(args: argparse.Namespace) -> int:
             on_candidate=lambda c: save_candidate(run_dir, c), progress=progress,
             eval_workers=args.eval_workers,
         )
-    report["config"] = run_config
     described = ", ".join(f"{k.replace('_', ' ')} {v:g}" for k, v in rates.items() if v) or "none"
-    title = f"mgd select on {pool.dataset.name}: budget {args.budget:g}, corruption: {described}"
+    _write(args, run_dir, report, run_config, _title(pool.dataset.name, args, described))
+    return 0
+
+
+#: Flags of mgd select that describe the built-in pool, so do not apply to --task.
+POOL_FLAGS = ("corruption", "off_distribution", "duplicates", "corruption_seed", "val_per_class", "label_noise")
+
+
+def _title(name: str, args: argparse.Namespace, corruption: str | None) -> str:
+    title = f"mgd select on {name}: budget {args.budget:g}"
+    if corruption is not None:
+        title += f", corruption: {corruption}"
     if args.val_per_class:
         title += f", {args.val_per_class} validation examples per class"
+    return title
+
+
+def _run_task(args: argparse.Namespace, methods: list[str], settings: MGDSettings) -> int:
+    """``mgd select --task``: the task's training data is the pool."""
+    given = [f"--{n.replace('_', '-')}" for n in POOL_FLAGS if n in given_flags(args)]
+    if given:
+        raise UserError(f"{', '.join(given)} describe{'s' if len(given) == 1 else ''} the built-in pool and "
+                        "do not apply with --task: the task function defines the pool (its training data) "
+                        "and the validation set")
+    if "methods" not in given_flags(args):
+        methods = list(TASK_METHODS)  # the default: every method a task can run
+    configure_torch(args)
+    runs = task_runs_from_args(args, command="mgd select")
+    check_task_methods(runs, methods)
+    run_config = {
+        **task_identity(args, runs), "budget": args.budget, "methods": methods, "mgd": settings.to_dict(),
+        "crafting_seeds": args.crafting_seeds, "eval_seeds": args.eval_seeds, "threads": args.threads,
+    }
+    run_dir = RunDirectory.open(args.out, args.resume, command="select", config=run_config)
+    finished = _load_candidates(run_dir)
+    total_candidates = sum(2 if m == "mgd" else 1 for m in methods)
+    totals = {"methods": total_candidates, "meta": args.meta_steps + 1, "evaluate": total_candidates * len(args.eval_seeds)}
+    with progress_bars(totals, enabled=not args.quiet) as progress:
+        report = run_selection(
+            None, None, runs=runs, budget=args.budget, methods=methods, mgd=settings,
+            crafting_seeds=args.crafting_seeds, eval_seeds=args.eval_seeds, finished=finished,
+            on_candidate=lambda c: save_candidate(run_dir, c), progress=progress, eval_workers=args.eval_workers,
+        )
+    _write(args, run_dir, report, run_config, _title(args.task, args, None))
+    return 0
+
+
+def _write(args: argparse.Namespace, run_dir: RunDirectory, report: dict, run_config: dict, title: str) -> None:
+    """report.json, report.md and the plots (the precision plot only where there is ground truth)."""
+    report["config"] = run_config
     text = write_report(run_dir, report, title) + selection_markdown(report)
     atomic_write_bytes(run_dir.path / "report.md", text.encode())
-    _plot_precision(run_dir, report)
+    truth = report["selection"]["corruption"] is not None
+    if truth:
+        _plot_precision(run_dir, report)
     _plot_progress(run_dir, report["selection"]["mgd_history"])
     if not args.quiet:
         print(text)
-        print(f"wrote {run_dir.path}/report.md, report.json, precision.png")
-    return 0
+        print(f"wrote {run_dir.path}/report.md, report.json" + (", precision.png" if truth else ""))
 
 
 def _plot_precision(run_dir: RunDirectory, report: dict) -> None:
@@ -215,12 +272,15 @@ def _plot_progress(run_dir: RunDirectory, history: list[dict]) -> None:
     left.set_xlabel("meta-step")
     left.set_ylabel("validation loss")
     left.legend(fontsize=8)
-    for kind in KINDS:
+    for kind in KINDS:  # the ground truth of a corrupted preset pool; a user's pool has none
         values = [h["mean_weight_by_kind"].get(kind) for h in history]
         if values[0] is not None:
             right.plot(steps, values, label=kind)
-    right.set_xlabel("meta-step")
-    right.set_ylabel("mean weight (diagnostic)")
-    right.legend(fontsize=8)
+    if not history[0]["mean_weight_by_kind"]:
+        right.set_axis_off()
+    else:
+        right.set_xlabel("meta-step")
+        right.set_ylabel("mean weight (diagnostic)")
+        right.legend(fontsize=8)
     fig.tight_layout()
     save_figure(fig, run_dir.path / "mgd_progress.png")

@@ -33,7 +33,7 @@ from mgd.task import TASK_OPTIONS, Task, TaskFunction
 
 __all__ = [
     "add_task_flag", "subject_from_args", "meta_names", "Subject", "PresetSubject", "TaskSubject",
-    "evaluate_task", "describe_run",
+    "evaluate_task", "describe_run", "task_builder", "task_runs_from_args", "task_identity",
 ]
 
 #: What the preset path reports after retraining (``mgd optimize``).
@@ -267,23 +267,8 @@ class TaskSubject(Subject):
     )
 
     def __init__(self, args: argparse.Namespace, *, reseeded: bool = False, command: str = "mgd"):
-        check_task_flags(args)
-        if launched_by_torchrun():
-            raise UserError("--task runs in one process; launch mgd without torchrun")
-        self.builder = TaskFunction(args.task)
+        self.builder, self.options = task_builder(args, reseeded=reseeded, command=command)
         name = self.builder.name
-        if reseeded and not self.builder.accepts("seed"):
-            raise UserError(
-                f"--task {args.task}: {command} calls {name}() once per crafting and evaluation seed, "
-                f"but it takes no seed argument; add one (def {name}(seed=0, ...)) and seed the model "
-                "and the run with it"
-            )
-        options = task_options(args)
-        for option in options:
-            if not self.builder.accepts(option):
-                print(f"{command}: note: {name}() takes no {option} argument; {_flag(option)} is ignored",
-                      file=sys.stderr)
-        self.options = {k: v for k, v in options.items() if self.builder.accepts(k)}
         self.task = self.builder(**self.options)
         bad = sorted(RESERVED.intersection(self.task.metrics))
         if bad:
@@ -321,6 +306,55 @@ class TaskSubject(Subject):
         spec = f"{os.path.abspath(self.builder.path)}:{self.builder.name}"  # workers may start elsewhere
         return parallel_map(_retrain_task, [(spec, self.options, dict(meta), seed) for seed in seeds],
                             workers=workers)
+
+
+def task_builder(args: argparse.Namespace, *, reseeded: bool, command: str) -> tuple[TaskFunction, dict]:
+    """The task function of ``--task`` and the options it is called with (the flags it takes).
+
+    Refuses preset flags, ``torchrun``, and (``reseeded``: the command calls it once per seed)
+    a function without a ``seed`` argument; notes on stderr the flags the function ignores.
+    """
+    check_task_flags(args)
+    if launched_by_torchrun():
+        raise UserError("--task runs in one process; launch mgd without torchrun")
+    builder = TaskFunction(args.task)
+    name = builder.name
+    if reseeded and not builder.accepts("seed"):
+        raise UserError(
+            f"--task {args.task}: {command} calls {name}() once per crafting and evaluation seed, "
+            f"but it takes no seed argument; add one (def {name}(seed=0, ...)) and seed the model "
+            "and the run with it"
+        )
+    options = task_options(args)
+    for option in options:
+        if not builder.accepts(option):
+            print(f"{command}: note: {name}() takes no {option} argument; {_flag(option)} is ignored",
+                  file=sys.stderr)
+    return builder, {k: v for k, v in options.items() if builder.accepts(k)}
+
+
+def task_runs_from_args(args: argparse.Namespace, *, command: str, needs: str | None = None):
+    """``--task`` as an application uses it (:class:`mgd.apps.tasks.TaskRuns`), with the file's
+    absolute path so that evaluation workers can import it. ``needs``: a metaparameter kind
+    the run must have."""
+    from mgd.apps.tasks import TaskRuns
+
+    builder, options = task_builder(args, reseeded=True, command=command)
+    spec = f"{os.path.abspath(builder.path)}:{builder.name}"
+    runs = TaskRuns(builder, {k: v for k, v in options.items() if k != "seed"}, spec=spec)
+    if needs is not None:
+        runs.require(needs, command)
+    return runs
+
+
+def task_identity(args: argparse.Namespace, runs) -> dict:
+    """What identifies a task for a run directory's ``--resume`` check: the file by absolute
+    path and content, and the options given."""
+    path, _, name = runs.spec.rpartition(":")
+    with open(path, "rb") as handle:
+        digest = hashlib.sha256(handle.read()).hexdigest()
+    return {"task": runs.spec, "task_sha256": digest,
+            "task_options": {k: str(v) for k, v in runs.options.items()}}
 
 
 def load_task_meta(run: TrainingRun, files: Mapping[str, str | None]) -> dict[str, Tensor]:

@@ -1,0 +1,150 @@
+"""The applications on a user's own run (``--task FILE.py:FUNCTION``): ``mgd select`` here,
+end to end on a classifier and on a regression, against runs the task function builds itself."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from mgd.apps.protocol import Candidate
+from mgd.apps.select import TASK_METHODS
+from mgd.apps.tasks import TaskRuns
+from mgd.cli.main import main
+from mgd.task import TaskFunction
+
+# A noisy-label classifier with a held-out test split; subset= builds the run on a subset
+# itself, the independent reference for TaskRuns.evaluate on a selected subset.
+CLASSIFIER = """
+import torch
+import mgd
+
+
+def data():
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(160, 5, generator=g)
+    y = (x[:, 0] + 0.5 * x[:, 1] > 0).long() + (x[:, 2] > 0.7).long()
+    noisy = y.clone()
+    noisy[:20] = (noisy[:20] + 1) % 3  # the first 20 training labels are wrong
+    return (x[:80], noisy[:80]), (x[80:120], y[80:120]), (x[120:], y[120:])
+
+
+def build(seed=0, steps=12, dtype=torch.float32, device="cpu", subset=None):
+    train, val, test = data()
+    if subset is not None:
+        train = (train[0][subset], train[1][subset])
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).to(dtype)
+    run = mgd.make_run(model, optimizer=mgd.SGD(momentum=0.9), data=(train[0].to(dtype), train[1]), steps=steps,
+                       batch_size=min(16, len(train[1])), lr=0.2, seed=seed, metaparams=["data_weights", "lr"])
+    cast = lambda split: (split[0].to(dtype), split[1])
+    return mgd.Task(run, mgd.Objective(run.stateless, cast(val)),
+                    metrics={"val_accuracy": mgd.Metric(run.stateless, cast(val))},
+                    test={"test_loss": mgd.Objective(run.stateless, cast(test)),
+                          "test_accuracy": mgd.Metric(run.stateless, cast(test))})
+"""
+
+# A regression on dict batches with two keyword inputs: no labels, so no class-aware methods.
+REGRESSION = """
+import torch
+import mgd
+
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 1)
+
+    def forward(self, features, scale):
+        return self.lin(features).squeeze(-1) * scale
+
+
+def squared_error(out, batch):
+    return (out - batch["target"]) ** 2
+
+
+def build(seed=0, steps=8):
+    g = torch.Generator().manual_seed(0)
+    features = torch.randn(60, 4, generator=g)
+    target = features @ torch.tensor([1.0, -2.0, 0.5, 0.0])
+    target[:10] += 5.0  # outliers
+    data = {"features": features, "scale": torch.full((60,), 0.5), "target": target}
+    part = lambda a, b: {k: v[a:b] for k, v in data.items()}
+    torch.manual_seed(seed)
+    run = mgd.make_run(Net(), optimizer=mgd.Adam(), data=part(0, 40), loss=squared_error,
+                       inputs=("features", "scale"), steps=steps, batch_size=8, lr=0.05, seed=seed,
+                       metaparams=["data_weights"])
+    return mgd.Task(run, mgd.Objective(run.stateless, part(40, 50), loss=squared_error),
+                    test={"test_mse": mgd.Objective(run.stateless, part(50, 60), loss=squared_error)})
+"""
+
+TINY = ["--meta-steps", "2", "--crafting-seeds", "0,1,2", "--eval-seeds", "100,101", "--quiet"]
+
+
+def write(tmp_path, name: str, source: str) -> str:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(source))
+    return str(path)
+
+
+def test_select_on_a_classifier_task_end_to_end_and_resume(tmp_path):
+    spec = write(tmp_path, "clf.py", CLASSIFIER) + ":build"
+    out = tmp_path / "run"
+    assert main(["select", "--task", spec, "--budget", "0.5", "--out", str(out), *TINY]) == 0
+    report = json.loads((out / "report.json").read_text())
+    methods = report["methods"]
+    assert set(methods) == {"full", "random", "small-loss", "margin", "el2n", "val-agreement", "tracin", "less",
+                            "mgd-selection", "mgd-reweighting"}
+    for name, m in methods.items():
+        assert set(m["per_seed"][0]) == {"seed", "val_objective", "val_accuracy", "test_loss", "test_accuracy"}
+        assert m["train_size"] == (80 if name in ("full", "mgd-reweighting") else 40)
+        assert np.isfinite(m["test_loss"]["mean"])
+    assert report["keys"] == {"val": "val_objective", "test": ["test_loss", "test_accuracy"]}
+    best = report["best_baseline_by_val"]
+    assert methods[best]["val_objective"]["mean"] == min(
+        m["val_objective"]["mean"] for m in methods.values() if m["kind"] == "baseline")
+    assert "test_loss" in (out / "report.md").read_text()
+    # every finished method is kept on --resume and the report is the same
+    assert main(["select", "--task", spec, "--budget", "0.5", "--resume", str(out), *TINY]) == 0
+    again = json.loads((out / "report.json").read_text())
+    assert {n: m["per_seed"] for n, m in again["methods"].items()} == {n: m["per_seed"] for n, m in methods.items()}
+
+
+def test_a_selected_subset_is_evaluated_as_the_run_the_task_builds_on_it(tmp_path):
+    spec = write(tmp_path, "clf.py", CLASSIFIER) + ":build"
+    runs = TaskRuns(TaskFunction(spec), {}, spec=spec)
+    subset = np.array([3, 5, 8, 13, 21, 34, 40, 41, 50, 55, 60, 62, 70, 71, 72, 79])
+    got = runs.evaluate(Candidate("s", subset=subset), seed=5)
+    task = TaskFunction(spec).function(seed=5, subset=torch.as_tensor(subset))
+    final = task.run.run()
+    named = task.run.named_tensors(final.params, final.buffers)
+    assert got["test_loss"] == float(task.test["test_loss"](named))
+    assert got["val_objective"] == float(task.objective(named))
+    assert got["test_accuracy"] == float(task.test["test_accuracy"](named))
+    # and the labels the class-aware baselines read are the pool's (noisy) ones
+    assert runs.labels is not None and runs.num_classes == 3 and len(runs.labels) == 80
+
+
+def test_select_on_a_regression_task_and_what_it_refuses(tmp_path, capsys):
+    spec = write(tmp_path, "reg.py", REGRESSION) + ":build"
+    out = tmp_path / "run"
+    methods = "full,random,small-loss,tracin,less,mgd"
+    assert main(["select", "--task", spec, "--methods", methods, "--budget", "0.5", "--out", str(out), *TINY]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["methods"]["less"]["info"]["hyperparameters"]["balance"] == "global"  # no labels: one form
+    assert all(np.isfinite(m["test_mse"]["mean"]) for m in report["methods"].values())
+    capsys.readouterr()
+    for extra, message in ((["--methods", "margin"], "does not classify"),
+                           (["--methods", "oracle"], "not available for a user's task"),
+                           (["--corruption", "mixed"], "do not apply with --task"),
+                           (["--lr", "0.1"], "--lr does not apply with --task")):
+        assert main(["select", "--task", spec, "--out", str(tmp_path / "x"), *TINY, *extra]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+
+
+def test_task_methods_are_the_ones_the_task_path_runs():
+    assert "mgd" in TASK_METHODS and "oracle" not in TASK_METHODS and "influence" not in TASK_METHODS
