@@ -148,3 +148,32 @@ def test_select_on_a_regression_task_and_what_it_refuses(tmp_path, capsys):
 
 def test_task_methods_are_the_ones_the_task_path_runs():
     assert "mgd" in TASK_METHODS and "oracle" not in TASK_METHODS and "influence" not in TASK_METHODS
+
+
+# A classifier with lr_knots for the schedule search.
+SCHEDULED = CLASSIFIER.replace('metaparams=["data_weights", "lr"]', 'metaparams=["lr", mgd.LRKnots(num_knots=3)]')
+
+
+def test_schedule_on_a_task_end_to_end(tmp_path):
+    spec = write(tmp_path, "sched.py", SCHEDULED) + ":build"
+    out = tmp_path / "run"
+    assert main(["schedule", "--task", spec, "--methods", "mgd,grid,random,hd", "--start", "poor",
+                 "--shapes", "constant,cosine", "--selection-seeds", "2", "--out", str(out), *TINY]) == 0
+    report = json.loads((out / "report.json").read_text())
+    methods = report["methods"]
+    assert {"grid", "mgd-poor", "start-poor", "random", "hd"} <= set(methods)
+    grid = methods["grid"]["info"]
+    # peaks default to multiples of the task's base LR (0.2): 0.2 x 2^-4 ... 0.2 x 2^4, maybe widened
+    assert {0.2 * 2.0**i for i in range(-4, 5)} <= set(grid["peaks"])
+    assert report["schedule"]["lr_by_step"]["start-poor"][0] == pytest.approx(0.02)
+    bar = report["bar"]["mgd-poor"]
+    assert bar["metric"] == "test_accuracy" and set(bar) >= {"within_grid_ci", "paired_diff_vs_grid"}
+    assert all(set(m["per_seed"][0]) >= {"test_loss", "test_accuracy", "val_objective"} for m in methods.values())
+    assert "MGD vs the best grid schedule" in (out / "report.md").read_text()
+
+
+def test_schedule_on_a_task_without_lr_knots_is_a_one_line_error(tmp_path, capsys):
+    spec = write(tmp_path, "clf.py", CLASSIFIER) + ":build"
+    assert main(["schedule", "--task", spec, "--out", str(tmp_path / "x"), *TINY]) == 2
+    err = capsys.readouterr().err
+    assert "lr_knots" in err and "Traceback" not in err

@@ -100,13 +100,13 @@ def test_random_search_spends_its_budget_and_keeps_the_best_draw():
 def test_hd_with_beta_zero_is_plain_sgd_and_follows_the_update_rule():
     config = tiny_config()
     problem = build_problem(config)
-    state, trace, ok = app.hd_run(problem, alpha0=0.1, beta=0.0)
+    state, trace, ok = app.hd_run(problem.trainer, alpha0=0.1, beta=0.0)
     assert ok and np.all(trace == 0.1)
     plain = problem.trainer.run({"lr": torch.full((config.steps,), 0.1 / config.lr, dtype=torch.float64)})
     assert torch.allclose(state.params, plain.params, atol=1e-6)
     # One step by hand: α1 = α0 + β ∇f(θ1)·d0 with d0 the first update direction.
     short = build_problem(tiny_config(steps=2))
-    _, trace2, _ = app.hd_run(short, alpha0=0.1, beta=0.5)
+    _, trace2, _ = app.hd_run(short.trainer, alpha0=0.1, beta=0.5)
     tr = short.trainer
     meta = tr.check_meta({})
     s1 = tr.step(tr.init_state(), {**meta, "lr": torch.full((2,), 0.1 / config.lr, dtype=torch.float64)})

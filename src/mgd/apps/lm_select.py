@@ -176,9 +176,9 @@ class PoolRecipe:
     """
 
     target: str = "email"
-    pool_size: int = 600
+    pool_size: int = 800
     doc_chars: int = 64
-    target_fraction: float = 0.1
+    target_fraction: float = 0.15
     docstring_fraction: float = 0.2
     license_fraction: float = 0.05
     junk_fraction: float = 0.25
@@ -393,7 +393,7 @@ class ModelConfig:
     heads: int = 4
     dropout: float = 0.1
     context: int = 64
-    pretrain_steps: int = 300
+    pretrain_steps: int = 400
     pretrain_batch: int = 32
     pretrain_lr: float = 3e-3
     seed: int = 0
@@ -410,7 +410,7 @@ class FineTune:
     permutation of the subset.
     """
 
-    steps: int = 100
+    steps: int = 80
     batch_size: int = 16
     lr: float = 1e-3
     lora_lr: float = 1e-2

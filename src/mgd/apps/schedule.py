@@ -66,8 +66,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mgd.apps.protocol import Candidate, Cost, check_seeds, evaluate, load_candidate, save_candidate
-from mgd.config import Problem, RunConfig, build_problem
+from mgd.apps.protocol import Candidate, Cost, check_seeds, evaluate, evaluate_task, load_candidate, save_candidate
+from mgd.apps.tasks import TaskRuns
+from mgd.config import RunConfig, build_problem
 from mgd.data import Dataset
 from mgd.descent import Box, MetaAdam, descend, state_from_arrays, state_to_arrays
 from mgd.errors import UserError, check_choices
@@ -75,6 +76,8 @@ from mgd.metaparams import LRKnots
 from mgd.training import TrainState
 
 __all__ = [
+    "ScheduleSource",
+    "task_defaults",
     "SHAPES",
     "START_LRS",
     "METHODS",
@@ -178,8 +181,9 @@ def knots_to_multipliers(knots: np.ndarray, steps: int) -> np.ndarray:
     return out
 
 
-def absolute_schedule(candidate: Candidate, config: RunConfig) -> np.ndarray:
-    """The absolute LR per step that a candidate's ``lr`` and ``lr_knots`` give together."""
+def absolute_schedule(candidate: Candidate, config) -> np.ndarray:
+    """The absolute LR per step that a candidate's ``lr`` and ``lr_knots`` give together
+    (``config``: a :class:`RunConfig` or a :class:`ScheduleSource`)."""
     m = np.ones(config.steps)
     if "lr" in candidate.meta:
         m = m * np.asarray(candidate.meta["lr"], dtype=np.float64)
@@ -195,13 +199,82 @@ def _seed_config(config: RunConfig, seed: int) -> RunConfig:
     return RunConfig(**{**config.to_dict(), "seed": seed})
 
 
-def _val_metrics(problem: Problem, state: TrainState) -> tuple[float, float]:
-    """Validation CE (``inf`` if training diverged) and accuracy. Never reads test."""
-    with torch.no_grad():
-        logits = problem.trainer.predict(state.params, state.buffers, problem.x_val).double()
-        loss = float(F.cross_entropy(logits, problem.y_val))
-        acc = float((logits.argmax(dim=1) == problem.y_val).double().mean())
-    return (loss if math.isfinite(loss) else math.inf), acc
+class ScheduleSource:
+    """The run whose schedule is searched: a built-in preset (``config`` and ``dataset``) or a
+    user's task (:class:`~mgd.apps.tasks.TaskRuns`, whose run has the ``lr_knots`` kind).
+
+    Every method below reads only this: the number of steps ``T``, the base LR ``η_base``, the
+    number of knots, the optimizer's name, :meth:`make` (the run of a seed and its validation
+    objective), :meth:`validate` (validation loss and accuracy of a final state, never test)
+    and :meth:`evaluate` (the final retraining, the one reader of the test split).
+    """
+
+    def __init__(self, config: "RunConfig | TaskRuns", dataset: Dataset | None = None):
+        self.config, self.dataset, self.runs = None, dataset, None
+        self._made: dict[int, tuple] = {}
+        if isinstance(config, RunConfig):
+            self.config = config
+            self.steps, self.lr, self.num_knots, self.optimizer = config.steps, config.lr, config.num_knots, config.optimizer
+        else:
+            self.runs = config
+            run = config.task(0).run
+            knots = run.metaparams.get("lr_knots")
+            if knots is None or "lr" not in run.metaparams:
+                raise UserError("a schedule search needs the lr and lr_knots metaparameters (the baselines "
+                                "give per-step multipliers, MGD log-LR knots); add 'lr' and 'lr_knots' (or "
+                                "mgd.LRKnots(num_knots=...)) to metaparams=[...] in the task function")
+            self.steps, self.lr, self.num_knots = run.steps, run.lr, int(knots.num_knots)
+            self.optimizer = type(run.optimizer).__name__.lower()
+
+    def describe(self) -> dict:
+        if self.config is not None:
+            return self.config.to_dict()
+        return {"task": self.runs.spec, "steps": self.steps, "lr": self.lr, "num_knots": self.num_knots,
+                "optimizer": self.optimizer}
+
+    def make(self, seed: int):
+        """``(run, validation objective)`` for ``seed`` (built once per seed)."""
+        if seed not in self._made:
+            if self.runs is not None:
+                self._made[seed] = self.runs.make(seed)
+            else:
+                problem = build_problem(_seed_config(self.config, seed), dataset=self.dataset)
+                self._made[seed] = (problem.trainer, problem.val_objective())
+        return self._made[seed]
+
+    def validate(self, run, objective, state: TrainState) -> tuple[float, float]:
+        """Validation loss (``inf`` if training diverged) and accuracy (``nan`` for a task
+        without a ``val_accuracy`` metric). Never reads test."""
+        if self.runs is not None:
+            scores = self.runs.validation(run, objective, state)
+            loss = scores["val_loss"]
+            return (loss if math.isfinite(loss) else math.inf), scores.get("val_accuracy", math.nan)
+        ds = self.dataset
+        x_val = torch.as_tensor(ds.x_val, dtype=run.dtype, device=run.device)
+        y_val = torch.as_tensor(ds.y_val, device=run.device)
+        with torch.no_grad():
+            logits = run.predict(state.params, state.buffers, x_val).double()
+            loss = float(F.cross_entropy(logits, y_val))
+            acc = float((logits.argmax(dim=1) == y_val).double().mean())
+        return (loss if math.isfinite(loss) else math.inf), acc
+
+    def evaluate(self, candidates, seeds, *, progress=None, workers: int = 1) -> dict:
+        if self.runs is not None:
+            return evaluate_task(self.runs, candidates, seeds, progress=progress, workers=workers)
+        return evaluate(self.config, self.dataset, candidates, seeds, progress=progress, workers=workers)
+
+
+def task_defaults(lr: float) -> dict:
+    """The search's absolute LRs for a user's run, relative to its base LR ``η``: grid peaks
+    ``η·2^{-4} … η·2^4``, starts ``η/10`` (poor) and ``η`` (reasonable), bounds ``[η/10^3,
+    η·10^2]`` (the presets' 0.01/0.1 starts and 1e-4..10 bounds assume LRs near 0.1)."""
+    return {"peaks": tuple(lr * 2.0**i for i in range(-4, 5)),
+            "start_lrs": {"poor": lr / 10, "reasonable": lr},
+            "lr_bounds": (lr * 1e-3, lr * 1e2)}
+
+
+def _source(config, dataset) -> ScheduleSource:
+    return config if isinstance(config, ScheduleSource) else ScheduleSource(config, dataset)
 
 
 class ValidationScorer:
@@ -210,10 +283,11 @@ class ValidationScorer:
     Counts the runs and seconds it spends, so methods can report their cost.
     """
 
-    def __init__(self, config: RunConfig, dataset: Dataset, seeds: Sequence[int]):
+    def __init__(self, config, dataset: Dataset | None, seeds: Sequence[int]):
         if not seeds:
             raise UserError("need at least one selection seed")
-        self.problems = {s: build_problem(_seed_config(config, s), dataset=dataset) for s in seeds}
+        self.source = _source(config, dataset)
+        self.seeds = list(seeds)
         self.runs = 0
         self.seconds = 0.0
 
@@ -221,10 +295,11 @@ class ValidationScorer:
         """Mean validation loss and accuracy of ``meta`` over the selection seeds."""
         started = time.perf_counter()
         losses, accs = [], []
-        for problem in self.problems.values():
+        for seed in self.seeds:
+            run, objective = self.source.make(seed)
             values = {n: torch.as_tensor(np.asarray(v, dtype=np.float64)) for n, v in meta.items()}
-            final = problem.trainer.run(problem.trainer.check_meta(values))
-            loss, acc = _val_metrics(problem, final)
+            final = run.run(run.check_meta(values))
+            loss, acc = self.source.validate(run, objective, final)
             losses.append(loss)
             accs.append(acc)
             self.runs += 1
@@ -243,27 +318,28 @@ def _check_select_by(select_by: str) -> None:
         raise UserError(f"select_by must be one of {', '.join(SELECT_BY)}, got {select_by!r}")
 
 
-def reference_run_seconds(config: RunConfig, dataset: Dataset, *, repeats: int = 3) -> float:
+def reference_run_seconds(config, dataset: Dataset | None, *, repeats: int = 3) -> float:
     """Seconds of one plain training run (median of ``repeats`` after one warm-up run)."""
-    problem = build_problem(config, dataset=dataset)
-    problem.trainer.run()
+    source = _source(config, dataset)
+    run, _ = source.make(source.config.seed if source.config is not None else 0)
+    run.run()
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
-        problem.trainer.run()
+        run.run()
         times.append(time.perf_counter() - started)
     return float(np.median(times))
 
 
 def metagradient_cost_runs(
-    config: RunConfig, dataset: Dataset, *, k: int | None = None, horizon: int | None = None, repeats: int = 2
+    config, dataset: Dataset | None, *, k: int | None = None, horizon: int | None = None, repeats: int = 2
 ) -> float:
     """One ``lr_knots`` metagradient's cost in training runs: median seconds of metagradients
     over median seconds of plain runs, timed alternately (run, metagradient, run, ...)."""
     from mgd.replay import metagradient
 
-    problem = build_problem(config, dataset=dataset)
-    trainer, objective = problem.trainer, problem.val_objective()
+    source = _source(config, dataset)
+    trainer, objective = source.make(source.config.seed if source.config is not None else 0)
     trainer.run()  # warm-up
     runs, metas = [], []
     for _ in range(repeats):
@@ -272,7 +348,7 @@ def metagradient_cost_runs(
         runs.append(time.perf_counter() - started)
         started = time.perf_counter()
         metagradient(trainer, objective, trainer.default_meta(), wrt=["lr_knots"],
-                     k=config.steps if k is None else k, horizon=horizon)
+                     k=source.steps if k is None else k, horizon=horizon)
         metas.append(time.perf_counter() - started)
     started = time.perf_counter()
     trainer.run()
@@ -283,13 +359,13 @@ def metagradient_cost_runs(
 # --------------------------------------------------------------------------- grid and random search
 
 
-def _grid_point(shape: str, peak: float, config: RunConfig) -> dict:
+def _grid_point(shape: str, peak: float, config) -> dict:
     return {"lr": peak * shape_multipliers(shape, config.steps) / config.lr}
 
 
 def grid_search(
-    config: RunConfig,
-    dataset: Dataset,
+    config,
+    dataset: Dataset | None,
     *,
     shapes: Sequence[str] = SHAPES,
     peaks: Sequence[float] = DEFAULT_PEAKS,
@@ -317,7 +393,9 @@ def grid_search(
     peaks = sorted(float(p) for p in peaks)
     if len(peaks) < 3 or peaks[0] <= 0:
         raise UserError("the grid needs at least 3 positive peak learning rates")
-    scorer = ValidationScorer(config, dataset, seeds) if scorer is None else scorer
+    if scorer is None:
+        config = _source(config, dataset)
+        scorer = ValidationScorer(config, None, seeds)
     table: dict[tuple[str, float], dict] = {}
 
     def fill() -> None:
@@ -358,8 +436,8 @@ def grid_search(
 
 
 def random_search(
-    config: RunConfig,
-    dataset: Dataset,
+    config,
+    dataset: Dataset | None,
     *,
     runs: int,
     seeds: Sequence[int] = (0, 1, 2),
@@ -383,7 +461,9 @@ def random_search(
     if not 0 < lo < hi:
         raise UserError(f"bad peak range {peak_range}")
     rng = np.random.default_rng(search_seed)
-    scorer = ValidationScorer(config, dataset, seeds) if scorer is None else scorer
+    if scorer is None:
+        config = _source(config, dataset)
+        scorer = ValidationScorer(config, None, seeds)
     best = None
     for _ in range(draws):
         params = {
@@ -411,7 +491,7 @@ def random_search(
 # --------------------------------------------------------------------------- hypergradient descent
 
 
-def hd_run(problem: Problem, *, alpha0: float, beta: float, lr_floor: float = 1e-6) -> tuple[TrainState, np.ndarray, bool]:
+def hd_run(trainer, *, alpha0: float, beta: float, lr_floor: float = 1e-6) -> tuple[TrainState, np.ndarray, bool]:
     """One SGD-HD training run (see the module docstring); returns state, LR trace, finished.
 
     ``α`` is the absolute LR; it is kept ``≥ lr_floor`` (Baydin et al. do not clamp, but a
@@ -419,7 +499,6 @@ def hd_run(problem: Problem, *, alpha0: float, beta: float, lr_floor: float = 1e
     The gradient in the hypergradient is the one the optimizer follows (with coupled weight
     decay).
     """
-    trainer = problem.trainer
     meta = trainer.check_meta({})
     state = trainer.init_state()
     alpha, direction, trace = float(alpha0), None, []
@@ -446,8 +525,8 @@ def hd_run(problem: Problem, *, alpha0: float, beta: float, lr_floor: float = 1e
 
 
 def hypergradient_descent(
-    config: RunConfig,
-    dataset: Dataset,
+    config,
+    dataset: Dataset | None,
     *,
     alpha0s: Sequence[float] = (0.01, 0.1),
     betas: Sequence[float] = (1e-4, 1e-3, 1e-2),
@@ -463,14 +542,15 @@ def hypergradient_descent(
     """
     _check_select_by(select_by)
     started = time.perf_counter()
-    problems = [build_problem(_seed_config(config, s), dataset=dataset) for s in seeds]
+    source = _source(config, dataset)
+    problems = [source.make(s) for s in seeds]
     table, traces = [], {}
     for alpha0 in alpha0s:
         for beta in betas:
             losses, accs, runs = [], [], []
-            for problem in problems:
-                state, trace, ok = hd_run(problem, alpha0=alpha0, beta=beta)
-                loss, acc = _val_metrics(problem, state) if ok else (math.inf, 0.0)
+            for run, objective in problems:
+                state, trace, ok = hd_run(run, alpha0=alpha0, beta=beta)
+                loss, acc = source.validate(run, objective, state) if ok else (math.inf, 0.0)
                 losses.append(loss)
                 accs.append(acc)
                 runs.append(trace if ok else None)
@@ -488,7 +568,7 @@ def hypergradient_descent(
     lrs = np.exp(np.mean(np.log(np.stack(chosen)), axis=0))
     return Candidate(
         name="hd",
-        meta={"lr": lrs / config.lr},
+        meta={"lr": lrs / source.lr},
         cost=Cost(seconds=time.perf_counter() - started, training_runs=float(len(table) * len(problems))),
         info={"alpha0": best["alpha0"], "beta": best["beta"], "online_val": {k: best[k] for k in ("val_loss", "val_accuracy")},
               "table": table, "selection_seeds": list(seeds),
@@ -515,8 +595,8 @@ def _rescore(
 
 
 def mgd_schedule(
-    config: RunConfig,
-    dataset: Dataset,
+    config,
+    dataset: Dataset | None,
     *,
     start_lr: float,
     name: str = "mgd",
@@ -558,16 +638,11 @@ def mgd_schedule(
     lo, hi = lr_bounds
     if not 0 < lo < start_lr < hi:
         raise UserError(f"start LR {start_lr} must lie inside the LR bounds {lr_bounds}")
+    config = _source(config, dataset)
     if metagradient_runs is None:
-        metagradient_runs = metagradient_cost_runs(config, dataset, k=k, horizon=horizon)
+        metagradient_runs = metagradient_cost_runs(config, None, k=k, horizon=horizon)
     steps_k = config.steps if k is None else k
-    problems: dict[int, Problem] = {}
-
-    def make_trainer(seed: int):
-        if seed not in problems:
-            problems[seed] = build_problem(_seed_config(config, seed), dataset=dataset)
-        return problems[seed].trainer, problems[seed].val_objective()
-
+    make_trainer = config.make
     dtype = make_trainer(crafting_seeds[0])[0].dtype
     z0 = {"lr_knots": torch.full((config.num_knots,), math.log(start_lr / config.lr), dtype=dtype)}
     box = Box(math.log(lo / config.lr), math.log(hi / config.lr))
@@ -599,7 +674,7 @@ def mgd_schedule(
     values = [r["val_objective"] for r in records]
     iterates = [np.asarray(r["knots"]) for r in records]
     seconds = [r["seconds"] for r in records]
-    scorer = ValidationScorer(config, dataset, selection_seeds)
+    scorer = ValidationScorer(config, None, selection_seeds)
     chosen, rows = _rescore(values, iterates, meta_steps, scorer, rescore_top, select_by)
     mgd_seconds = float(np.sum(seconds))
     return Candidate(
@@ -619,7 +694,7 @@ def mgd_schedule(
 
 
 def mgd_at_budget(
-    candidate: Candidate, config: RunConfig, dataset: Dataset, *, budget_runs: float,
+    candidate: Candidate, config, dataset: Dataset | None, *, budget_runs: float,
     name: str, selection_seeds: Sequence[int] = (0, 1, 2), progress=None,
 ) -> Candidate | None:
     """The MGD run stopped early at the most meta-steps that fit in ``budget_runs``.
@@ -637,7 +712,7 @@ def mgd_at_budget(
     if not fits or fits[-1] >= info["meta_steps"]:
         return None
     upto = fits[-1]
-    scorer = ValidationScorer(config, dataset, selection_seeds)
+    scorer = ValidationScorer(_source(config, dataset), None, selection_seeds)
     iterates = [np.asarray(it) for it in info["iterates"]]
     chosen, rows = _rescore(info["val_objective_by_step"], iterates, upto, scorer, top, info["select_by"])
     return Candidate(
@@ -668,12 +743,12 @@ def _parse_list(values: Sequence[str], allowed: Sequence[str], what: str) -> lis
 
 
 def check_options(
-    config: RunConfig, *, methods: Sequence[str], starts: Sequence[str], meta_steps: int,
+    config, *, methods: Sequence[str], starts: Sequence[str], meta_steps: int,
     crafting_seeds: Sequence[int], eval_seeds: Sequence[int], selection_seeds: int, select_by: str,
 ) -> tuple[list[str], list[str]]:
     """Reject bad options up front (before any run directory or training); returns the lists."""
     methods = _parse_list(methods, METHODS, "methods")
-    starts = _parse_list(starts, tuple(START_LRS), "starts") if "mgd" in methods else list(starts)
+    starts = _parse_list(starts, ("poor", "reasonable"), "starts") if "mgd" in methods else list(starts)
     _check_select_by(select_by)
     if meta_steps < 1:
         raise UserError(f"meta-steps must be >= 1, got {meta_steps}")
@@ -683,13 +758,13 @@ def check_options(
     if not 1 <= selection_seeds <= len(crafting_seeds):
         raise UserError(f"selection seeds must be between 1 and the {len(crafting_seeds)} crafting seeds")
     if config.optimizer != "sgd" and "hd" in methods:
-        raise UserError("the hd baseline implements SGD-HD; use --optimizer sgd or drop hd from --methods")
+        raise UserError("the hd baseline implements SGD-HD; use SGD (--optimizer sgd) or drop hd from --methods")
     return methods, starts
 
 
 def run_schedule_search(
-    config: RunConfig,
-    dataset: Dataset,
+    config,
+    dataset: Dataset | None,
     *,
     methods: Sequence[str] = METHODS,
     meta_steps: int = 20,
@@ -703,11 +778,18 @@ def run_schedule_search(
     shapes: Sequence[str] = SHAPES,
     random_runs: int | None = None,
     k: int | None = None,
+    start_lrs: Mapping[str, float] = START_LRS,
+    lr_bounds: tuple[float, float] = (1e-4, 10.0),
     store=None,
     progress: Callable[[str, int], None] | None = None,
     eval_workers: int = 1,
 ) -> dict:
     """Run the chosen methods, evaluate them all with :func:`~mgd.apps.protocol.evaluate`.
+
+    ``config`` is a :class:`RunConfig` (with ``dataset``) or a user's task
+    (:class:`~mgd.apps.tasks.TaskRuns`, ``dataset=None``; evaluated by
+    :func:`~mgd.apps.protocol.evaluate_task`). ``start_lrs`` are MGD's constant starting LRs
+    and ``lr_bounds`` its clamp, both absolute.
 
     ``eval_workers``: processes for the evaluation's retraining runs (same results).
 
@@ -723,12 +805,13 @@ def run_schedule_search(
         candidate, whether its mean test accuracy is within the best grid schedule's CI and
         whether it cost fewer training-run equivalents (reporting only; nothing is chosen on it).
     """
+    config = _source(config, dataset)
     methods, starts = check_options(config, methods=methods, starts=starts, meta_steps=meta_steps,
                                     crafting_seeds=crafting_seeds, eval_seeds=eval_seeds,
                                     selection_seeds=selection_seeds, select_by=select_by)
     chosen_seeds = list(crafting_seeds)[:selection_seeds]
-    run_seconds = reference_run_seconds(config, dataset)
-    metagradient_runs = metagradient_cost_runs(config, dataset, k=k) if "mgd" in methods else None
+    run_seconds = reference_run_seconds(config, None)
+    metagradient_runs = metagradient_cost_runs(config, None, k=k) if "mgd" in methods else None
     candidates: list[Candidate] = []
 
     def once(name: str, make: Callable[[], Candidate | None]) -> Candidate | None:
@@ -742,14 +825,14 @@ def run_schedule_search(
     mgd = {}
     if "mgd" in methods:
         for start in starts:
-            lr0 = START_LRS[start]
+            lr0 = start_lrs[start]
             candidates.append(Candidate(
                 name=f"start-{start}", meta={"lr_knots": np.full(config.num_knots, math.log(lr0 / config.lr))},
                 kind="reference", info={"constant_lr": lr0}))
             mgd[start] = once(f"mgd-{start}", lambda start=start, lr0=lr0: mgd_schedule(
                 config, dataset, start_lr=lr0, name=f"mgd-{start}", meta_steps=meta_steps, meta_lr=meta_lr,
                 crafting_seeds=crafting_seeds, selection_seeds=chosen_seeds, select_by=select_by, k=k,
-                metagradient_runs=metagradient_runs, store=store, progress=progress))
+                lr_bounds=lr_bounds, metagradient_runs=metagradient_runs, store=store, progress=progress))
             candidates.append(mgd[start])
     grid = None
     if "grid" in methods:
@@ -770,9 +853,9 @@ def run_schedule_search(
         # MGD's own code from the poor start, differentiating only the last steps: what the
         # full horizon adds (protocols.md §7).
         candidates.append(once("truncated-poor", lambda: mgd_schedule(
-            config, dataset, start_lr=START_LRS["poor"], name="truncated-poor", meta_steps=meta_steps,
+            config, dataset, start_lr=start_lrs["poor"], name="truncated-poor", meta_steps=meta_steps,
             meta_lr=meta_lr, crafting_seeds=crafting_seeds, selection_seeds=chosen_seeds, select_by=select_by,
-            k=k, horizon=min(TRUNCATION_HORIZON, config.steps), kind="baseline", store=store, progress=progress)))
+            k=k, lr_bounds=lr_bounds, horizon=min(TRUNCATION_HORIZON, config.steps), kind="baseline", store=store, progress=progress)))
     if grid is not None and "poor" in mgd:
         budget = mgd_at_budget(mgd["poor"], config, dataset, budget_runs=grid.cost.training_runs,
                                name="mgd-poor@grid-budget", selection_seeds=chosen_seeds)
@@ -780,7 +863,7 @@ def run_schedule_search(
             _save_candidate(store, budget)
             candidates.append(budget)
 
-    report = evaluate(config, dataset, candidates, eval_seeds, progress=progress, workers=eval_workers)
+    report = config.evaluate(candidates, eval_seeds, progress=progress, workers=eval_workers)
     report["schedule"] = {
         "lr_by_step": {c.name: absolute_schedule(c, config).tolist() for c in candidates},
         "mgd_progress": {s: c.info["val_objective_by_step"] for s, c in mgd.items()},
@@ -791,32 +874,43 @@ def run_schedule_search(
         "crafting_seeds": list(crafting_seeds),
         "run_seconds": run_seconds,
         "metagradient_runs": metagradient_runs,
-        "config": config.to_dict(),
+        "config": config.describe(),
     }
     report["bar"] = _bar(report, grid is not None)
     return report
 
 
 def _bar(report: dict, has_grid: bool) -> dict:
-    """The issue's bar, read from the evaluation: MGD within the grid's CI, at lower cost."""
+    """The issue's bar, read from the evaluation: MGD within the grid's CI, at lower cost.
+
+    For a preset the metric is test accuracy (and the paired test-loss difference is given
+    too); for a task, its first test metric, higher-is-better when its name contains ``acc``
+    and lower-is-better otherwise (a loss).
+    """
     if not has_grid:
         return {}
+    from mgd.evaluation import mean_ci
+
     methods = report["methods"]
     grid = methods["grid"]
+    tests = report.get("keys", {}).get("test", ["test_accuracy"])
+    key = "test_accuracy" if "test_accuracy" in tests else tests[0]
+    higher = "acc" in key
     out = {}
     for name, m in methods.items():
         if m["kind"] != "mgd":
             continue
-        acc_diff = [a["test_accuracy"] - b["test_accuracy"] for a, b in zip(m["per_seed"], grid["per_seed"])]
-        loss_diff = [a["test_loss"] - b["test_loss"] for a, b in zip(m["per_seed"], grid["per_seed"])]
-        from mgd.evaluation import mean_ci
-
-        out[name] = {
-            "within_grid_ci": bool(m["test_accuracy"]["mean"] >= grid["test_accuracy"]["mean"] - grid["test_accuracy"]["ci"]),
-            "fewer_runs_than_grid": bool(m["cost"]["training_runs"] < grid["cost"]["training_runs"]),
-            "paired_acc_diff_vs_grid": mean_ci(acc_diff),
-            "paired_loss_diff_vs_grid": mean_ci(loss_diff),
-        }
+        diff = [a[key] - b[key] for a, b in zip(m["per_seed"], grid["per_seed"])]
+        g = grid[key]
+        within = m[key]["mean"] >= g["mean"] - g["ci"] if higher else m[key]["mean"] <= g["mean"] + g["ci"]
+        out[name] = {"metric": key, "within_grid_ci": bool(within),
+                     "fewer_runs_than_grid": bool(m["cost"]["training_runs"] < grid["cost"]["training_runs"]),
+                     "paired_diff_vs_grid": mean_ci(diff)}
+        if key == "test_accuracy":  # the names the results pages and the robustness protocol read
+            out[name]["paired_acc_diff_vs_grid"] = out[name]["paired_diff_vs_grid"]
+            if "test_loss" in m:
+                out[name]["paired_loss_diff_vs_grid"] = mean_ci(
+                    [a["test_loss"] - b["test_loss"] for a, b in zip(m["per_seed"], grid["per_seed"])])
     return out
 
 
@@ -824,7 +918,7 @@ def bar_markdown(report: dict) -> str:
     """The bar section and the chosen schedules, for ``report.md``."""
     lines = []
     bar = report.get("bar") or {}
-    if bar:
+    if bar and "paired_loss_diff_vs_grid" in next(iter(bar.values())):
         lines += ["", "### MGD vs the best grid schedule (paired over evaluation seeds)", "",
                   "| MGD candidate | Δ test acc (pts) | Δ test loss | within grid CI | fewer runs than grid |",
                   "|---|---|---|---|---|"]
@@ -832,6 +926,14 @@ def bar_markdown(report: dict) -> str:
             a, l = b["paired_acc_diff_vs_grid"], b["paired_loss_diff_vs_grid"]
             lines.append(f"| {name} | {100 * a['mean']:+.2f} ± {100 * a['ci']:.2f} | {l['mean']:+.4f} ± {l['ci']:.4f} "
                          f"| {'yes' if b['within_grid_ci'] else 'no'} | {'yes' if b['fewer_runs_than_grid'] else 'no'} |")
+    elif bar:
+        metric = next(iter(bar.values()))["metric"]
+        lines += ["", f"### MGD vs the best grid schedule on {metric} (paired over evaluation seeds)", "",
+                  f"| MGD candidate | Δ {metric} | within grid CI | fewer runs than grid |", "|---|---|---|---|"]
+        for name, b in bar.items():
+            d = b["paired_diff_vs_grid"]
+            lines.append(f"| {name} | {d['mean']:+.4f} ± {d['ci']:.4f} | {'yes' if b['within_grid_ci'] else 'no'} "
+                         f"| {'yes' if b['fewer_runs_than_grid'] else 'no'} |")
     s = report["schedule"]
     grid = s.get("grid")
     if grid:
@@ -845,6 +947,7 @@ def bar_markdown(report: dict) -> str:
         if name == "hd":
             lines.append(f"hd: alpha0 {info['alpha0']:g}, beta {info['beta']:g} (online mean val loss "
                          f"{info['online_val']['val_loss']:.4f}, acc {100 * info['online_val']['val_accuracy']:.2f}%).")
+            # (a task without a val_accuracy metric reports acc as nan)
         if name == "random":
             b = info["best"]
             lines.append(f"random: {info['draws']} draws; best peak {b['peak']:.3g}, warm-up {b['warmup']:.2f}, "

@@ -12,6 +12,7 @@ from mgd import __version__
 from mgd.apps import schedule as app
 from mgd.apps.protocol import write_report
 from mgd.cli.common import (
+    given_flags,
     add_eval_workers_flag,
     add_run_dir_flags,
     add_replay_k_flag,
@@ -22,7 +23,9 @@ from mgd.cli.common import (
     positive_int,
     progress_bars,
     seed_list,
+    track_given_flags,
 )
+from mgd.cli.task import add_task_flag, task_identity, task_runs_from_args
 from mgd.data import load_dataset
 from mgd.errors import UserError
 from mgd.io import atomic_write_bytes
@@ -57,6 +60,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "Defaults follow protocols.md: 400 steps / batch 128 on mnist1d, 300 / 100 on digits, "
         "weight decay 5e-4. Writes report.json, report.md and schedules.png in --out.",
     )
+    track_given_flags(parser)
+    add_task_flag(parser, reseeded=True)
     add_run_flags(parser)
     # The recipe's step count and batch size depend on the dataset (filled in by run()).
     parser.set_defaults(steps=None, batch_size=None, weight_decay=5e-4)
@@ -90,14 +95,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    steps, batch = _RECIPE.get(args.dataset, (300, 100))
-    args.steps = steps if args.steps is None else args.steps
-    args.batch_size = batch if args.batch_size is None else args.batch_size
     if args.meta_steps < 1:
         raise UserError(f"--meta-steps must be >= 1, got {args.meta_steps}")
     methods = app._parse_list(args.methods, app.METHODS, "methods")
     shapes = app._parse_list(args.shapes, app.SHAPES, "shapes")
     starts = ["poor", "reasonable"] if args.start == "both" else [args.start]
+    if args.task:
+        return _run_task(args, methods, shapes, starts)
+    steps, batch = _RECIPE.get(args.dataset, (300, 100))
+    args.steps = steps if args.steps is None else args.steps
+    args.batch_size = batch if args.batch_size is None else args.batch_size
     configure_torch(args)
     config = config_from_args(args)
     app.check_options(config, methods=methods, starts=starts, meta_steps=args.meta_steps,
@@ -121,13 +128,51 @@ def run(args: argparse.Namespace) -> int:
             peaks=args.peaks, shapes=shapes, random_runs=args.random_runs, k=args.replay_k,
             store=run_dir, progress=progress, eval_workers=args.eval_workers,
         )
+    _write(args, run_dir, report, run_config, f"mgd schedule on {dataset.name} (T={config.steps}, "
+           f"{len(args.eval_seeds)} evaluation seeds)")
+    return 0
+
+
+def _run_task(args: argparse.Namespace, methods: list[str], shapes: list[str], starts: list[str]) -> int:
+    """``mgd schedule --task``: the search on the task's run (it needs the lr_knots kind); peaks,
+    starts and bounds default to multiples of the run's base LR (:func:`mgd.apps.schedule.task_defaults`)."""
+    configure_torch(args)
+    runs = task_runs_from_args(args, command="mgd schedule")
+    source = app.ScheduleSource(runs)
+    defaults = app.task_defaults(source.lr)
+    peaks = args.peaks if "peaks" in given_flags(args) else list(defaults["peaks"])
+    app.check_options(source, methods=methods, starts=starts, meta_steps=args.meta_steps,
+                      crafting_seeds=args.crafting_seeds, eval_seeds=args.eval_seeds,
+                      selection_seeds=args.selection_seeds, select_by=args.select_by)
+    options = {
+        "methods": methods, "starts": starts, "meta_steps": args.meta_steps, "meta_lr": args.meta_lr,
+        "crafting_seeds": list(args.crafting_seeds), "selection_seeds": args.selection_seeds,
+        "eval_seeds": list(args.eval_seeds), "select_by": args.select_by, "peaks": list(peaks),
+        "shapes": shapes, "random_runs": args.random_runs, "replay_k": args.replay_k, "threads": args.threads,
+    }
+    run_config = {**task_identity(args, runs), "schedule": options}
+    run_dir = RunDirectory.open(args.out, args.resume, command="schedule", config=run_config)
+    totals = {"mgd": (args.meta_steps + 1) * len(starts), "evaluate": 0}
+    with progress_bars(totals, enabled=not args.quiet) as progress:
+        report = app.run_schedule_search(
+            source, None, methods=methods, meta_steps=args.meta_steps, starts=starts,
+            crafting_seeds=args.crafting_seeds, eval_seeds=args.eval_seeds,
+            selection_seeds=args.selection_seeds, meta_lr=args.meta_lr, select_by=args.select_by,
+            peaks=peaks, shapes=shapes, random_runs=args.random_runs, k=args.replay_k,
+            start_lrs=defaults["start_lrs"], lr_bounds=defaults["lr_bounds"],
+            store=run_dir, progress=progress, eval_workers=args.eval_workers,
+        )
+    _write(args, run_dir, report, run_config, f"mgd schedule on {args.task} (T={source.steps}, "
+           f"{len(args.eval_seeds)} evaluation seeds)")
+    return 0
+
+
+def _write(args: argparse.Namespace, run_dir: RunDirectory, report: dict, run_config: dict, title: str) -> None:
     report["config"] = run_config
     report["mgd_version"] = __version__
-    title = f"mgd schedule on {dataset.name} (T={config.steps}, {len(args.eval_seeds)} evaluation seeds)"
     text = write_report(run_dir, report, title) + app.bar_markdown(report)
     atomic_write_bytes(run_dir.path / "report.md", text.encode())
     app.plot_schedules(report, run_dir.path / "schedules.png")
     if not args.quiet:
         print(text)
         print(f"wrote {run_dir.path}/report.json, report.md, schedules.png")
-    return 0
