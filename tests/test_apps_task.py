@@ -177,3 +177,46 @@ def test_schedule_on_a_task_without_lr_knots_is_a_one_line_error(tmp_path, capsy
     assert main(["schedule", "--task", spec, "--out", str(tmp_path / "x"), *TINY]) == 2
     err = capsys.readouterr().err
     assert "lr_knots" in err and "Traceback" not in err
+
+
+def test_poison_on_a_classifier_task_end_to_end_and_resume(tmp_path):
+    spec = write(tmp_path, "clf.py", CLASSIFIER) + ":build"
+    out = tmp_path / "run"
+    args = ["poison", "--task", spec, "--budget", "0.1", "--objective", "margin", "--seeds-per-step", "2", *TINY]
+    assert main([*args, "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["methods"]) == {"no_poison", "random_noise", "label_flips", "mgd"}
+    setup = report["setup"]
+    assert setup["poisons"] == 8 and setup["objective"] == "margin"
+    drops = report["poisoning"]["drops"]
+    assert set(drops) == {"random_noise", "label_flips", "mgd"}
+    # the MGD poisons are the plan's rows, in the training box, everything else untouched
+    from mgd.apps.protocol import load_candidate
+    from mgd.runs import RunDirectory
+
+    mgd = load_candidate(RunDirectory(out, {}), "mgd")
+    runs = TaskRuns(TaskFunction(spec), {}, spec=spec)
+    x, y = runs.training_set(0)
+    slots = np.asarray(setup["slots"])
+    rest = np.setdiff1d(np.arange(80), slots)
+    assert np.array_equal(mgd.x_train[rest], x[rest]) and np.array_equal(mgd.y_train, y)
+    lo, hi = x.min(axis=0), x.max(axis=0)
+    assert np.all(mgd.x_train[slots] >= lo - 1e-6) and np.all(mgd.x_train[slots] <= hi + 1e-6)
+    assert not np.allclose(mgd.x_train[slots], x[slots])  # MGD moved them
+    # evaluating the saved candidate again gives the numbers of the report
+    got = runs.evaluate(Candidate("mgd", x_train=mgd.x_train, y_train=mgd.y_train, info={"input_field": 0}), seed=100)
+    assert got == report["methods"]["mgd"]["per_seed"][0]
+    assert main([*args, "--resume", str(out)]) == 0
+    again = json.loads((out / "report.json").read_text())
+    assert again["methods"]["mgd"]["per_seed"] == report["methods"]["mgd"]["per_seed"]
+
+
+def test_poison_on_a_task_refuses_what_does_not_apply(tmp_path, capsys):
+    clf = write(tmp_path, "clf.py", CLASSIFIER) + ":build"
+    reg = write(tmp_path, "reg.py", REGRESSION) + ":build"
+    for spec, extra, message in ((clf, ["--mode", "add"], "does not apply with --task"),
+                                 (clf, ["--methods", "gradcancel"], "a task can be poisoned by"),
+                                 (reg, [], "accuracy drops")):
+        assert main(["poison", "--task", spec, "--out", str(tmp_path / "x"), *TINY, *extra]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err

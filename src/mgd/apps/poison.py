@@ -66,12 +66,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mgd.apps.protocol import Candidate, Cost, check_seeds, evaluate, report_markdown
+from mgd.apps.protocol import Candidate, Cost, check_seeds, evaluate, evaluate_task, report_markdown
 from mgd.config import RunConfig, build_problem
 from mgd.data import Dataset
 from mgd.descent import SignedStep, descend
 from mgd.errors import UserError
 from mgd.evaluation import mean_ci
+from mgd.apps.tasks import TaskRuns, objective_parts
 from mgd.losses import Objective, clipped_margin
 from mgd.batches import Field
 from mgd.metaparams import PerExample, RunInfo, StepInputs
@@ -100,6 +101,10 @@ __all__ = [
     "run_poisoning",
     "poisoning_summary",
     "poisoning_markdown",
+    "TASK_METHODS",
+    "TaskPool",
+    "task_poison_trainer",
+    "run_task_poisoning",
 ]
 
 METHODS = ("random_noise", "label_flips", "error_max", "gradcancel", "backgradient", "mgd")
@@ -530,7 +535,8 @@ def mgd_poison(config: RunConfig, dataset: Dataset, plan: PoisonPlan, box: Poiso
                meta_steps: int = 50, step_size: float = 0.05, crafting_seeds: Sequence[int] = (0, 1, 2, 3, 4),
                seeds_per_step: int = 1, objective: str = "ce", recipes: Sequence[RunConfig] = (),
                name: str = "mgd", kind: str = "mgd", run_seconds: float | None = None,
-               state=None, on_step: Callable | None = None, progress: Callable | None = None) -> Candidate:
+               state=None, on_step: Callable | None = None, progress: Callable | None = None,
+               make: Callable[[int], tuple] | None = None) -> Candidate:
     """MGD poisoning: projected signed ascent of a validation objective on the poison inputs.
 
     ``config`` is the *crafting* recipe (the victim's for MGD; a short non-smooth one for
@@ -539,17 +545,29 @@ def mgd_poison(config: RunConfig, dataset: Dataset, plan: PoisonPlan, box: Poiso
     against several victims at once: crafting seed number ``i`` (its position in
     ``crafting_seeds``) trains recipe ``i mod (1 + len(recipes))``, and with
     ``seeds_per_step`` at least that many each meta-step averages the metagradient over
-    recipes. ``state``/``on_step`` let a caller save and resume the descent. The returned
+    recipes. ``state``/``on_step`` let a caller save and resume the descent. ``make``:
+    instead of ``config`` (``None``) and ``recipes``, ``seed -> (run with the poison_inputs
+    kind, objective)`` for a user's task (:func:`task_poison_trainer`). The returned
     candidate's ``info["history"]`` lists the validation objective per meta-step.
     """
     if meta_steps < 0:
         raise UserError(f"meta-steps must be >= 0, got {meta_steps}")
     if objective not in OBJECTIVES:
         raise UserError(f"the poisoning objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
-    crafting = [config, *recipes]
-    position = {seed: i for i, seed in enumerate(crafting_seeds)}
     started = time.perf_counter()
-    dtype = torch.float64 if config.dtype == "float64" else torch.float32
+    if make is None:
+        crafting = [config, *recipes]
+        position = {seed: i for i, seed in enumerate(crafting_seeds)}
+
+        def make(seed: int):
+            return _poison_trainer(crafting[position[seed] % len(crafting)], dataset, plan, box, seed, objective)
+
+        recipe_names = [describe_recipe(c) for c in crafting]
+        dtype = torch.float64 if config.dtype == "float64" else torch.float32
+        steps, lr = config.steps, config.lr
+    else:
+        run = make(crafting_seeds[0])[0]
+        recipe_names, dtype, steps, lr = ["the task's run"], run.dtype, run.steps, run.lr
     u0 = torch.as_tensor(box.to_unit(plan.x), dtype=dtype)
     mask = torch.zeros(len(plan.y), dtype=torch.bool)
     mask[torch.as_tensor(plan.slots)] = True
@@ -562,7 +580,7 @@ def mgd_poison(config: RunConfig, dataset: Dataset, plan: PoisonPlan, box: Poiso
             on_step(step, new_state)
 
     final = descend(
-        lambda seed: _poison_trainer(crafting[position[seed] % len(crafting)], dataset, plan, box, seed, objective),
+        make,
         {"poison_inputs": u0},
         optimizer=SignedStep(step_size),
         projections={"poison_inputs": projection},
@@ -581,10 +599,9 @@ def mgd_poison(config: RunConfig, dataset: Dataset, plan: PoisonPlan, box: Poiso
         name, plan, box.clip(box.from_unit(u[plan.slots])), _poison_labels(plan), seconds=seconds,
         runs=seconds / unit if unit else math.nan, kind=kind,
         info={"best_step": final.best_step, "best_val_objective": final.best_value, "meta_steps": meta_steps,
-              "step_size": step_size, "crafting_seeds": list(crafting_seeds), "crafting_steps": config.steps,
-              "seeds_per_step": seeds_per_step, "objective": objective,
-              "crafting_recipes": [describe_recipe(c) for c in crafting],
-              "crafting_lr": config.lr, "history": history},
+              "step_size": step_size, "crafting_seeds": list(crafting_seeds), "crafting_steps": steps,
+              "seeds_per_step": seeds_per_step, "objective": objective, "crafting_recipes": recipe_names,
+              "crafting_lr": lr, "history": history},
     )
 
 
@@ -779,6 +796,123 @@ def run_poisoning(
         "crafting_recipes": [describe_recipe(c) for c in (config, *craft_also)],
         "victim": config.to_dict(), "seconds_per_training_run": unit, "sources": plan.sources.tolist(),
         "slots": plan.slots.tolist(),
+    }
+    return report
+
+
+# --------------------------------------------------------------------------- a user's task
+
+
+#: Methods for a user's task (``mgd poison --task``): the others need a preset's surrogate
+#: recipe (error_max, gradcancel) or its crafting recipe (backgradient).
+TASK_METHODS = ("random_noise", "label_flips", "mgd")
+
+
+@dataclass(frozen=True, eq=False)
+class TaskPool:
+    """A user's classifier task as the poisoning methods see it: its training inputs (at
+    ``field``) and labels as arrays, the attributes of a :class:`~mgd.data.Dataset` that
+    :func:`plan_poisons`, :class:`PoisonBox`, :func:`random_noise` and :func:`label_flips` read."""
+
+    runs: TaskRuns
+    field: Field
+    x_train: np.ndarray
+    y_train: np.ndarray
+    num_classes: int
+    name: str = "task"
+
+    @classmethod
+    def of(cls, runs: TaskRuns, field: Field = 0) -> "TaskPool":
+        missing = [name for name, have in (("val_accuracy", runs.metric_names), ("test_accuracy", runs.test_names))
+                   if name not in have]
+        if missing:
+            raise UserError(
+                "accuracy-degrading poisoning reports accuracy drops: the task needs "
+                "metrics={'val_accuracy': mgd.Metric(...)} and test={'test_accuracy': mgd.Metric(...)}"
+            )
+        x, y = runs.training_set(field)
+        return cls(runs, field, x, y, int(runs.num_classes))
+
+
+def task_poison_trainer(pool: TaskPool, plan: PoisonPlan, box: PoisonBox, seed: int, objective: str = "ce"):
+    """``(run with the poison_inputs kind on the plan's training set, validation objective)``
+    for crafting seed ``seed`` of a user's task."""
+    dtype = pool.runs.task(seed).run.dtype
+    kind = PoisonInputs(torch.as_tensor(box.lo, dtype=dtype), torch.as_tensor(box.width, dtype=dtype), field=pool.field)
+    run, task_objective = pool.runs.with_training_set(seed, plan.x, plan.y, pool.field, metaparams=[kind])
+    if objective == "margin":
+        val = objective_parts(task_objective, "the margin objective")
+        return run, Objective(val.model, val.data, loss=clipped_margin(), batch_size=val.batch_size)
+    return run, task_objective
+
+
+def run_task_poisoning(
+    pool: TaskPool,
+    *,
+    budget: float = 0.03,
+    labels: str = "fixed",
+    methods: Sequence[str] = TASK_METHODS,
+    meta_steps: int = 50,
+    step_size: float = 0.05,
+    seeds_per_step: int = 1,
+    objective: str = "ce",
+    crafting_seeds: Sequence[int] = (0, 1, 2, 3, 4),
+    eval_seeds: Sequence[int] = tuple(range(100, 110)),
+    attack_seed: int = 0,
+    finished: Mapping[str, Candidate] | None = None,
+    on_candidate: Callable[[Candidate], None] | None = None,
+    mgd_state=None,
+    on_mgd_step: Callable | None = None,
+    progress: Callable | None = None,
+    eval_workers: int = 1,
+) -> dict:
+    """:func:`run_poisoning` on a user's task: poisons replace ``budget`` of its training points
+    (the paper's setting), features stay in the per-feature training box, and every candidate is
+    retrained by the task function and measured on its ``val_accuracy`` metric and held-out
+    ``test_accuracy`` (:func:`mgd.apps.protocol.evaluate_task`). Methods: :data:`TASK_METHODS`."""
+    methods = list(methods)
+    outside = [m for m in methods if m not in TASK_METHODS]
+    if outside or not methods:
+        raise UserError(f"{', '.join(outside) or 'no method'}: a task can be poisoned by {', '.join(TASK_METHODS)}")
+    crafting_seeds, eval_seeds = list(crafting_seeds), list(eval_seeds)
+    check_seeds(crafting_seeds, eval_seeds)
+    plan = plan_poisons(pool, budget=budget, mode="replace", labels=labels, seed=attack_seed)
+    box = PoisonBox.for_dataset(pool)
+    run = pool.runs.task(crafting_seeds[0]).run
+    run.run()  # warm-up
+    started = time.perf_counter()
+    run.run()
+    unit = time.perf_counter() - started
+    finished = dict(finished or {})
+    builders = {
+        "random_noise": lambda: random_noise(pool, plan, box, seed=attack_seed),
+        "label_flips": lambda: label_flips(pool, plan, seed=attack_seed),
+        "mgd": lambda: mgd_poison(None, None, plan, box, meta_steps=meta_steps, step_size=step_size,
+                                  crafting_seeds=crafting_seeds, seeds_per_step=seeds_per_step, objective=objective,
+                                  run_seconds=unit, state=mgd_state, on_step=on_mgd_step, progress=progress,
+                                  make=lambda seed: task_poison_trainer(pool, plan, box, seed, objective)),
+    }
+    candidates = [no_poison(pool)]
+    for name in methods:
+        if name in finished:
+            candidate = finished[name]
+        else:
+            candidate = builders[name]()
+            if candidate.cost.training_runs != candidate.cost.training_runs:  # nan: fill from seconds
+                candidate.cost.training_runs = candidate.cost.seconds / unit
+            if on_candidate is not None:
+                on_candidate(candidate)
+        candidates.append(candidate)
+    for candidate in candidates:  # where TaskRuns.evaluate puts the inputs back
+        candidate.info["input_field"] = pool.field
+    report = evaluate_task(pool.runs, candidates, eval_seeds, attack=True, progress=progress, workers=eval_workers)
+    report["poisoning"] = poisoning_summary(report)
+    report["setup"] = {
+        "budget": budget, "poisons": int(len(plan.slots)), "mode": "replace", "labels": labels,
+        "train_size": int(len(plan.y)), "box": "per-feature train [min,max]", "crafting_seeds": crafting_seeds,
+        "meta_steps": meta_steps, "step_size": step_size, "seeds_per_step": seeds_per_step, "objective": objective,
+        "crafting_recipes": ["the task's run"], "seconds_per_training_run": unit,
+        "sources": plan.sources.tolist(), "slots": plan.slots.tolist(), "input_field": pool.field,
     }
     return report
 

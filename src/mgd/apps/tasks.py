@@ -19,15 +19,15 @@ Per-example quantities on a run's data, for the baselines (:func:`per_example_lo
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from mgd.batches import TensorData, tree_map
+from mgd.batches import Field, TensorData, set_field, tree_map
 from mgd.errors import UserError
-from mgd.losses import Objective, labels_of, logits_of
+from mgd.losses import LABEL_KEYS, Objective, labels_of, logits_of
 from mgd.step import TrainingRun, TrainState
 from mgd.task import Task, TaskFunction
 
@@ -134,11 +134,42 @@ class TaskRuns:
                 out[name] = float(metric(named))
         return out
 
-    def evaluate(self, candidate, seed: int) -> dict[str, float]:
-        """Retrain ``candidate`` (its ``subset`` and ``meta``) with ``seed``; the objective, the
-        metrics and the held-out test metrics. The one place ``Task.test`` is read."""
+    def training_set(self, field: Field) -> tuple[np.ndarray, np.ndarray]:
+        """The pool's inputs at ``field`` and its labels, as float64 / int64 arrays (poisoning)."""
+        run = self.task(0).run
+        if not isinstance(run.data, TensorData):
+            raise UserError("poisoning a task needs its training data as in-memory tensors, not a Dataset")
+        if not self.classification:
+            raise UserError("accuracy-degrading poisoning needs a classifier: batches with labels and "
+                            "(batch, classes) logits")
+        x = run.data.field(field)
+        if not x.is_floating_point():
+            raise UserError(f"the training field {field!r} is not a float tensor; name the inputs with --poison-field")
+        return x.detach().double().cpu().numpy(), self.labels.copy()
+
+    def with_training_set(self, seed: int, x: np.ndarray, y: np.ndarray, field: Field, *,
+                          metaparams: Sequence = ()) -> tuple[TrainingRun, Callable]:
+        """``(run, objective)`` for ``seed`` with the inputs at ``field`` and the labels replaced
+        (a poisoned training set of the same size), and further metaparameter kinds added."""
         task = self.task(seed)
-        run = task.run if candidate.subset is None else task.run.restricted(candidate.subset)
+        run = task.run
+        tensors = run.data.tensors
+        inputs = run.data.field(field)
+        labels = labels_of(tensors)
+        tensors = set_field(tensors, field, torch.as_tensor(x, dtype=inputs.dtype, device=inputs.device))
+        tensors = set_field(tensors, label_field(tensors), torch.as_tensor(y, dtype=labels.dtype, device=labels.device))
+        kinds = [*run.metaparams.values(), *metaparams]
+        return run.replaced(data=TensorData(tensors), metaparams=kinds), task.objective
+
+    def evaluate(self, candidate, seed: int) -> dict[str, float]:
+        """Retrain ``candidate`` (its ``subset``, its training set ``x_train``/``y_train`` at
+        ``info["input_field"]``, and ``meta``) with ``seed``; the objective, the metrics and the
+        held-out test metrics. The one place ``Task.test`` is read."""
+        task = self.task(seed)
+        if candidate.x_train is not None:
+            run, _ = self.with_training_set(seed, candidate.x_train, candidate.y_train, candidate.info["input_field"])
+        else:
+            run = task.run if candidate.subset is None else task.run.restricted(candidate.subset)
         meta = {name: torch.as_tensor(np.asarray(v), dtype=run.dtype, device=run.device)
                 for name, v in candidate.meta.items()}
         if "data_weights" in meta and candidate.subset is not None:
@@ -151,6 +182,13 @@ class TaskRuns:
             for name, metric in (*task.metrics.items(), *task.test.items()):
                 out[name] = float(metric(named))
         return out
+
+
+def label_field(batch) -> Field:
+    """Where :func:`mgd.losses.labels_of` finds a batch's labels: position 1, or the dict key."""
+    if isinstance(batch, dict):
+        return next(key for key in LABEL_KEYS if key in batch)
+    return 1
 
 
 def _pool_labels(run: TrainingRun) -> tuple[np.ndarray | None, int | None]:

@@ -16,6 +16,9 @@ from mgd.apps.poison import (
     METHODS,
     MODES,
     OBJECTIVES,
+    TASK_METHODS,
+    TaskPool,
+    run_task_poisoning,
     PoisonBox,
     report_text,
     run_poisoning,
@@ -23,15 +26,18 @@ from mgd.apps.poison import (
     victim_config,
 )
 from mgd.apps.protocol import load_candidate, save_candidate
+from mgd.cli.task import add_task_flag, task_identity, task_runs_from_args
 from mgd.cli.common import (
     add_eval_workers_flag,
     add_run_dir_flags,
     add_run_flags,
     configure_torch,
+    given_flags,
     positive_float,
     positive_int,
     progress_bars,
     seed_list,
+    track_given_flags,
 )
 from mgd.config import RunConfig
 from mgd.data import load_dataset
@@ -60,6 +66,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "paired test-accuracy drop against clean training. Writes report.md, report.json, "
         "poisons.png and mgd_progress.png into a resumable run directory.",
     )
+    track_given_flags(parser)
+    add_task_flag(parser, reseeded=True)
     add_run_flags(parser)
     # Unset run flags fall back to the frozen victim recipe of mgd.apps.poison.victim_config.
     parser.set_defaults(batch_size=None, warmup_steps=None, weight_decay=None)
@@ -94,6 +102,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="victim recipe for the transfer check, NAME:knob=value,... on top of the victim; "
                         "'auto' = ReLU and double width, 'none' = skip (default: %(default)s)")
     p.add_argument("--attack-seed", type=int, default=0, help="which clean points are copied (default: %(default)s)")
+    p.add_argument("--poison-field", default="0", metavar="FIELD",
+                   help="with --task: the batch field holding the inputs to poison, a tuple position or a "
+                        "dict key (default: %(default)s, the x of (x, y) batches)")
     add_run_dir_flags(parser, "runs/poison", resume_help="continue the run in DIR (finished methods are kept)")
     add_eval_workers_flag(parser)
     parser.set_defaults(run=run)
@@ -122,7 +133,6 @@ def _transfer(spec: str, config: RunConfig) -> RunConfig | None:
 
 def run(args: argparse.Namespace) -> int:
     configure_torch(args)
-    config = _config(args)
     methods = _methods(args.methods)
     if args.meta_steps < 0:
         raise UserError(f"--meta-steps must be >= 0, got {args.meta_steps}")
@@ -130,10 +140,13 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--budget must be a fraction in (0, 1], got {args.budget}")
     if set(args.crafting_seeds) & set(args.eval_seeds):
         raise UserError("--crafting-seeds and --eval-seeds overlap; evaluation seeds must be fresh")
-    transfer = _transfer(args.transfer, config)
     if args.seeds_per_step > len(args.crafting_seeds):
         raise UserError(f"--seeds-per-step {args.seeds_per_step} exceeds the {len(args.crafting_seeds)} "
                         "--crafting-seeds; give more crafting seeds or average fewer")
+    if args.task:
+        return _run_task(args)
+    config = _config(args)
+    transfer = _transfer(args.transfer, config)
     craft_also = [parse_recipe(spec).apply(config) for spec in args.craft_also]
     options = {
         "budget": args.budget, "mode": args.mode, "labels": args.labels, "methods": methods,
@@ -147,22 +160,7 @@ def run(args: argparse.Namespace) -> int:
     run_dir = RunDirectory.open(args.out, args.resume, command="poison", config=run_config)
     dataset = load_dataset(config.dataset)
 
-    finished = {}
-    if args.resume:
-        finished = {n: c for n in methods if (c := load_candidate(run_dir, n)) is not None}
-    mgd_state = None
-    saved = run_dir.load_state() if "mgd" not in finished else None
-    if saved is not None:
-        dtype = torch.float64 if config.dtype == "float64" else torch.float32
-        mgd_state = state_from_arrays(*saved, like={"poison_inputs": torch.zeros(0, dtype=dtype)})
-        run_dir.truncate_history(mgd_state.step)
-    elif args.resume:
-        run_dir.truncate_history(0)
-
-    def on_mgd_step(record, state) -> None:
-        run_dir.append_history(record.to_dict())
-        run_dir.save_state(*state_to_arrays(state))
-
+    finished, mgd_state, on_mgd_step = _resume(args, run_dir, methods, torch.float64 if config.dtype == "float64" else torch.float32)
     total = {"meta": args.meta_steps + 1, "evaluate": (len(methods) + 1) * len(args.eval_seeds) * (2 if transfer else 1)}
     with progress_bars(total, enabled=not args.quiet) as progress:
         report = run_poisoning(
@@ -173,18 +171,76 @@ def run(args: argparse.Namespace) -> int:
             on_candidate=lambda c: save_candidate(run_dir, c), mgd_state=mgd_state, on_mgd_step=on_mgd_step,
             progress=progress, eval_workers=args.eval_workers,
         )
-    title = f"mgd poison: {args.dataset}, {100 * args.budget:g}% {args.mode}, labels {args.labels}"
-    text = report_text(report, title)
-    run_dir.write_json("report.json", report)
+    _write(args, run_dir, report, f"mgd poison: {args.dataset}, {100 * args.budget:g}% {args.mode}, labels {args.labels}")
+    _plot_poisons(run_dir, report, dataset, methods)
+    return 0
+
+
+def _resume(args: argparse.Namespace, run_dir: RunDirectory, methods: list[str], dtype: torch.dtype):
+    """The finished candidates, MGD's saved descent state and the hook that saves it."""
+    finished = {}
+    if args.resume:
+        finished = {n: c for n in methods if (c := load_candidate(run_dir, n)) is not None}
+    mgd_state = None
+    saved = run_dir.load_state() if "mgd" not in finished else None
+    if saved is not None:
+        mgd_state = state_from_arrays(*saved, like={"poison_inputs": torch.zeros(0, dtype=dtype)})
+        run_dir.truncate_history(mgd_state.step)
+    elif args.resume:
+        run_dir.truncate_history(0)
+
+    def on_mgd_step(record, state) -> None:
+        run_dir.append_history(record.to_dict())
+        run_dir.save_state(*state_to_arrays(state))
+
+    return finished, mgd_state, on_mgd_step
+
+
+def _write(args: argparse.Namespace, run_dir: RunDirectory, report: dict, title: str) -> None:
     from mgd.io import atomic_write_bytes
 
+    text = report_text(report, title)
+    run_dir.write_json("report.json", report)
     atomic_write_bytes(run_dir.path / "report.md", text.encode())
-    _plot_poisons(run_dir, report, dataset, methods)
-    plot_progress(run_dir.history(), run_dir.path / "mgd_progress.png", ylabel="validation CE (maximised)",
+    plot_progress(run_dir.history(), run_dir.path / "mgd_progress.png", ylabel="validation objective (maximised)",
                   title="MGD poisoning (each step: a different crafting seed)")
     if not args.quiet:
         print(text)
-        print(f"wrote {run_dir.path}/report.md, report.json, poisons.png")
+        print(f"wrote {run_dir.path}/report.md, report.json")
+
+
+def _run_task(args: argparse.Namespace) -> int:
+    """``mgd poison --task``: poisons replace points of the task's training data (see
+    :func:`mgd.apps.poison.run_task_poisoning`)."""
+    given = given_flags(args)
+    refused = [f"--{n.replace('_', '-')}" for n in ("mode", "transfer", "craft_also") if n in given]
+    if refused:
+        raise UserError(f"{', '.join(refused)} do{'es' if len(refused) == 1 else ''} not apply with --task: a task's "
+                        "poisons replace its own points, and other victim recipes are the presets'")
+    methods = _methods(args.methods) if "methods" in given else list(TASK_METHODS)
+    runs = task_runs_from_args(args, command="mgd poison")
+    field = args.poison_field
+    pool = TaskPool.of(runs, int(field) if field.isdigit() else field)
+    if any(m not in TASK_METHODS for m in methods):
+        raise UserError(f"a task can be poisoned by {', '.join(TASK_METHODS)}; drop the others from --methods")
+    options = {
+        "budget": args.budget, "labels": args.labels, "methods": methods, "meta_steps": args.meta_steps,
+        "step_size": args.step_size, "crafting_seeds": list(args.crafting_seeds), "eval_seeds": list(args.eval_seeds),
+        "attack_seed": args.attack_seed, "threads": args.threads, "seeds_per_step": args.seeds_per_step,
+        "objective": args.objective, "poison_field": field,
+    }
+    run_dir = RunDirectory.open(args.out, args.resume, command="poison", config={**task_identity(args, runs), "poison": options})
+    finished, mgd_state, on_mgd_step = _resume(args, run_dir, methods, runs.task(0).run.dtype)
+    total = {"meta": args.meta_steps + 1, "evaluate": (len(methods) + 1) * len(args.eval_seeds)}
+    with progress_bars(total, enabled=not args.quiet) as progress:
+        report = run_task_poisoning(
+            pool, budget=args.budget, labels=args.labels, methods=methods, meta_steps=args.meta_steps,
+            step_size=args.step_size, seeds_per_step=args.seeds_per_step, objective=args.objective,
+            crafting_seeds=args.crafting_seeds, eval_seeds=args.eval_seeds, attack_seed=args.attack_seed,
+            finished=finished, on_candidate=lambda c: save_candidate(run_dir, c), mgd_state=mgd_state,
+            on_mgd_step=on_mgd_step, progress=progress, eval_workers=args.eval_workers,
+        )
+    _write(args, run_dir, report, f"mgd poison: {args.task}, {100 * args.budget:g}% replaced, labels {args.labels}")
     return 0
 
 
