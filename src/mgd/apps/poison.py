@@ -49,7 +49,7 @@ Example:
     >>> cfg = victim_config("digits", steps=20, width=16)
     >>> report = run_poisoning(cfg, ds, budget=0.01, mode="replace", labels="fixed",
     ...                        methods=["random_noise", "mgd"], meta_steps=1,
-    ...                        crafting_seeds=[0], eval_seeds=[100, 101])
+    ...                        crafting_seeds=[0, 1], eval_seeds=[100, 101])
     >>> sorted(report["poisoning"]["drops"])
     ['mgd', 'random_noise']
 """
@@ -704,8 +704,8 @@ def run_poisoning(
     methods: Sequence[str] = METHODS,
     meta_steps: int = 50,
     step_size: float = 0.05,
-    seeds_per_step: int = 1,
-    objective: str = "ce",
+    seeds_per_step: int = 2,
+    objective: str = "margin",
     craft_also: Sequence[RunConfig] = (),
     crafting_seeds: Sequence[int] = (0, 1, 2, 3, 4),
     eval_seeds: Sequence[int] = tuple(range(100, 110)),
@@ -854,8 +854,8 @@ def run_task_poisoning(
     methods: Sequence[str] = TASK_METHODS,
     meta_steps: int = 50,
     step_size: float = 0.05,
-    seeds_per_step: int = 1,
-    objective: str = "ce",
+    seeds_per_step: int = 2,
+    objective: str = "margin",
     crafting_seeds: Sequence[int] = (0, 1, 2, 3, 4),
     eval_seeds: Sequence[int] = tuple(range(100, 110)),
     attack_seed: int = 0,

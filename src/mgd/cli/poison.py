@@ -83,10 +83,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--meta-steps", type=int, default=50, help="MGD meta-steps (default: %(default)s)")
     p.add_argument("--step-size", type=positive_float, default=0.05,
                    help="signed-step size as a fraction of each feature's range (default: %(default)s)")
-    p.add_argument("--seeds-per-step", type=positive_int, default=1,
+    p.add_argument("--seeds-per-step", type=positive_int, default=2,
                    help="MGD: average the metagradient over this many crafting seeds per meta-step "
                         "(default: %(default)s)")
-    p.add_argument("--objective", choices=OBJECTIVES, default="ce",
+    p.add_argument("--objective", choices=OBJECTIVES, default="margin",
                    help="what MGD maximises on validation: cross-entropy, or the clipped margin "
                         "max_other_logit - label_logit (at most 1), which rewards flipped predictions "
                         "(default: %(default)s)")
