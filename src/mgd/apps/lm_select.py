@@ -41,7 +41,7 @@ evaluation seed sets the batch order, the dropout masks and (LoRA) the adapter's
 every choice, the test split only by :func:`evaluate_subset` in the final table):
 
 * ``random``;
-* ``less`` (Xia et al., ICML 2024): :func:`less_scores`;
+* ``less`` (Xia et al., ICML 2024): :func:`select_less`;
 * ``dsir`` (Xie et al., NeurIPS 2023): :func:`dsir_log_weights`, :func:`gumbel_top_k`;
 * ``perplexity``: :func:`perplexity_scores`, direction chosen on validation;
 * ``embedding``: :func:`embedding_scores`;
@@ -77,7 +77,7 @@ import torch
 from torch import Tensor
 
 import mgd
-from mgd.apps.select import top_k
+from mgd.apps.select import adam_features, less_scores, rademacher_project, top_k
 from mgd.descent import Box, SignedStep
 from mgd.errors import UserError
 from mgd.evaluation import mean_ci
@@ -89,7 +89,7 @@ __all__ = [
     "finetune_run", "train_subset", "evaluate_state", "evaluate_subset", "val_loss_of_subset",
     "measure_run_seconds", "source_chunks",
     "Selection", "select_random", "select_full", "select_oracle",
-    "adam_direction", "rademacher_projection", "per_document_grads", "less_scores", "select_less",
+    "per_document_grads", "select_less",
     "ngram_features", "dsir_log_weights", "gumbel_top_k", "select_dsir",
     "perplexity_scores", "select_perplexity", "embedding_scores", "select_embedding",
     "MGDSettings", "mgd_problem", "mgd_trajectory", "mgd_select",
@@ -672,29 +672,6 @@ def select_oracle(ctx: LMContext, k: int, *, seed: int = 0) -> Selection:
 # ----------------------------------------------------------------------------- LESS
 
 
-def adam_direction(grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *, beta1: float = 0.9,
-                   beta2: float = 0.999, eps: float = 1e-8) -> Tensor:
-    r"""LESS's training feature: the Adam update direction the gradient would cause.
-
-    .. math:: m' = \beta_1 m + (1-\beta_1) g,\quad v' = \beta_2 v + (1-\beta_2) g^2,\quad
-              \Gamma(g) = m' / (\sqrt{v'} + \epsilon)
-
-    from the stored moments ``m, v`` of the warm-up optimizer (no bias correction, as in
-    LESS). ``grad`` may have leading batch dimensions. LESS's code writes
-    ``m'/\sqrt{v' + \epsilon}``; the two differ only where ``v'`` is tiny.
-    """
-    m = beta1 * exp_avg + (1 - beta1) * grad
-    v = beta2 * exp_avg_sq + (1 - beta2) * grad * grad
-    return m / (torch.sqrt(v) + eps)
-
-
-def rademacher_projection(dim_in: int, dim_out: int, *, seed: int, dtype=torch.float32) -> Tensor:
-    """A ``(dim_in, dim_out)`` matrix of ``±1/√dim_out`` (Johnson-Lindenstrauss), from ``seed``."""
-    g = torch.Generator().manual_seed(seed)
-    signs = torch.randint(0, 2, (dim_in, dim_out), generator=g, dtype=torch.int8)
-    return (signs.to(dtype) * 2 - 1) / math.sqrt(dim_out)
-
-
 def per_document_grads(model: torch.nn.Module, params: Mapping[str, Tensor], data: Mapping[str, Tensor]) -> Tensor:
     """``(N, P)``: the gradient of each document's next-character loss with respect to
     ``params`` (a name -> tensor dict of some of ``model``'s parameters; the others are
@@ -765,55 +742,33 @@ def _warmup_less(ctx: LMContext, indices: np.ndarray, *, epochs: int, seed: int,
     return model, checkpoints
 
 
-def less_scores(train_features: Sequence[Tensor], val_features: Sequence[Tensor], lrs: Sequence[float],
-                val_subtasks: np.ndarray | None = None) -> np.ndarray:
-    r"""LESS scores from (projected) features at several checkpoints (Xia et al. 2024, Eq. 2):
-
-    .. math:: s_i = \max_c \sum_j \eta_j\, \frac{1}{|V_c|} \sum_{v\in V_c}
-              \cos\big(\Gamma_{ij}, \nabla \ell_v(\theta_j)\big),
-
-    ``Γ_ij`` the Adam-direction feature of pool document ``i`` at checkpoint ``j`` (after the
-    projection), ``η_j`` the checkpoint's (mean epoch) learning rate, ``V_c`` the validation
-    documents of subtask ``c`` (one subtask: the plain mean). Keep the largest.
-    """
-    m = len(val_features[0])
-    subtasks = np.zeros(m, dtype=np.int64) if val_subtasks is None else np.asarray(val_subtasks)
-    total = None
-    for f_train, f_val, lr in zip(train_features, val_features, lrs):
-        f_train = torch.nn.functional.normalize(f_train.double(), dim=1)
-        f_val = torch.nn.functional.normalize(f_val.double(), dim=1)
-        cos = f_train @ f_val.T  # (N, M)
-        per_task = torch.stack([cos[:, torch.as_tensor(subtasks == c)].mean(dim=1) for c in np.unique(subtasks)], 1)
-        total = lr * per_task if total is None else total + lr * per_task
-    return total.max(dim=1).values.numpy()
-
-
 def select_less(ctx: LMContext, ks: Sequence[int], *, seed: int = 0, fraction: float = 0.05, epochs: int = 4,
                 dim: int = 1024, lr: float | None = None) -> list[Selection]:
-    """LESS (see :func:`less_scores`): LoRA warm-up on a random ``fraction`` of the pool for
-    ``epochs`` epochs with Adam (checkpoint + moments per epoch), per-document gradients of
-    the adapter at each checkpoint, train feature = :func:`adam_direction`, validation feature
-    = the plain gradient, both Rademacher-projected to ``dim`` and normalised; top ``k`` for
-    each ``k`` in ``ks`` (one scoring, cost shared)."""
+    """LESS (:func:`mgd.apps.select.less_scores`, the same definition as the classification
+    pools'): LoRA warm-up on a random ``fraction`` of the pool for ``epochs`` epochs with Adam
+    (checkpoint + moments per epoch), per-document gradients of the adapter at each
+    checkpoint, train feature = :func:`mgd.apps.select.adam_features`, validation feature =
+    the plain gradient, both Rademacher-projected to ``dim``
+    (:func:`mgd.apps.select.rademacher_project`) and normalised; top ``k`` for each ``k`` in
+    ``ks`` (one scoring, cost shared)."""
     started = time.perf_counter()
     rng = np.random.default_rng([seed, 0x1E55])
     warm = rng.choice(ctx.n, size=max(ctx.recipe.batch_size, int(round(fraction * ctx.n))), replace=False)
     model, checkpoints = _warmup_less(ctx, warm, epochs=epochs, seed=seed, batch_size=min(8, len(warm)),
                                       lr=ctx.recipe.lora_lr if lr is None else lr)
     train_f, val_f, lrs = [], [], []
-    projection = None
     for params, exp_avg, exp_avg_sq, epoch_lr in checkpoints:
         g_pool = per_document_grads(model, params, ctx.pool_data)
         g_val = per_document_grads(model, params, ctx.val_data)
-        if projection is None:
-            projection = rademacher_projection(g_pool.shape[1], dim, seed=seed + 1, dtype=g_pool.dtype)
-        train_f.append(adam_direction(g_pool, exp_avg, exp_avg_sq) @ projection)
-        val_f.append(g_val @ projection)
+        # one projection for every checkpoint, as LESS projects all its gradients alike
+        train_f.append(rademacher_project(adam_features(g_pool, exp_avg, exp_avg_sq), dim, seed=seed + 1))
+        val_f.append(rademacher_project(g_val, dim, seed=seed + 1))
         lrs.append(epoch_lr)
-    scores = less_scores(train_f, val_f, lrs)
+    # one subtask: the target domain
+    scores = less_scores(train_f, val_f, np.zeros(len(val_f[0]), dtype=np.int64), lrs)
     seconds = time.perf_counter() - started
     return [_selection(ctx, "less", top_k(scores, k), seconds, warmup_docs=len(warm), epochs=epochs,
-                       projection_dim=dim, features=int(projection.shape[0])) for k in ks]
+                       projection_dim=dim, features=int(g_pool.shape[1])) for k in ks]
 
 
 # ----------------------------------------------------------------------------- DSIR

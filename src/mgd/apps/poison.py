@@ -694,6 +694,25 @@ def poisoning_markdown(summary: Mapping, title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _build_all(methods: Sequence[str], builders: Mapping[str, Callable[[], Candidate]],
+               finished: Mapping[str, Candidate], unit: float, on_candidate) -> list[Candidate]:
+    """Each method's candidate: the finished one (resume), else built now, its cost in
+    training runs filled from its seconds when it did not count them, and handed to
+    ``on_candidate`` (to save it)."""
+    out = []
+    for name in methods:
+        if name in finished:
+            candidate = finished[name]
+        else:
+            candidate = builders[name]()
+            if candidate.cost.training_runs != candidate.cost.training_runs:  # nan: fill from seconds
+                candidate.cost.training_runs = candidate.cost.seconds / unit
+            if on_candidate is not None:
+                on_candidate(candidate)
+        out.append(candidate)
+    return out
+
+
 def run_poisoning(
     config: RunConfig,
     dataset: Dataset,
@@ -767,19 +786,10 @@ def run_poisoning(
                                   recipes=craft_also, run_seconds=unit, state=mgd_state,
                                   on_step=on_mgd_step, progress=progress),
     }
-    candidates = [no_poison(dataset)]
-    for name in methods:
-        if name in finished:
-            candidate = finished[name]
-        else:
-            candidate = builders[name]()
-            if candidate.cost.training_runs != candidate.cost.training_runs:  # nan: fill from seconds
-                candidate.cost.training_runs = candidate.cost.seconds / unit
-            if on_candidate is not None:
-                on_candidate(candidate)
+    candidates = [no_poison(dataset), *_build_all(methods, builders, finished, unit, on_candidate)]
+    for candidate in candidates[1:]:
         if plan.x.shape[0] != len(candidate.y_train) or not box.contains(candidate.x_train[plan.slots]):
-            raise AssertionError(f"{name} produced poisons outside the box; please report this bug")
-        candidates.append(candidate)
+            raise AssertionError(f"{candidate.name} produced poisons outside the box; please report this bug")
     report = evaluate(config, dataset, candidates, eval_seeds, attack=True, progress=progress, workers=eval_workers)
     report["poisoning"] = poisoning_summary(report)
     if transfer is not None:
@@ -892,17 +902,7 @@ def run_task_poisoning(
                                   run_seconds=unit, state=mgd_state, on_step=on_mgd_step, progress=progress,
                                   make=lambda seed: task_poison_trainer(pool, plan, box, seed, objective)),
     }
-    candidates = [no_poison(pool)]
-    for name in methods:
-        if name in finished:
-            candidate = finished[name]
-        else:
-            candidate = builders[name]()
-            if candidate.cost.training_runs != candidate.cost.training_runs:  # nan: fill from seconds
-                candidate.cost.training_runs = candidate.cost.seconds / unit
-            if on_candidate is not None:
-                on_candidate(candidate)
-        candidates.append(candidate)
+    candidates = [no_poison(pool), *_build_all(methods, builders, finished, unit, on_candidate)]
     for candidate in candidates:  # where TaskRuns.evaluate puts the inputs back
         candidate.info["input_field"] = pool.field
     report = evaluate_task(pool.runs, candidates, eval_seeds, attack=True, progress=progress, workers=eval_workers)

@@ -110,12 +110,7 @@ def run(args: argparse.Namespace) -> int:
     app.check_options(config, methods=methods, starts=starts, meta_steps=args.meta_steps,
                       crafting_seeds=args.crafting_seeds, eval_seeds=args.eval_seeds,
                       selection_seeds=args.selection_seeds, select_by=args.select_by)
-    options = {
-        "methods": methods, "starts": starts, "meta_steps": args.meta_steps, "meta_lr": args.meta_lr,
-        "crafting_seeds": list(args.crafting_seeds), "selection_seeds": args.selection_seeds,
-        "eval_seeds": list(args.eval_seeds), "select_by": args.select_by, "peaks": list(args.peaks),
-        "shapes": shapes, "random_runs": args.random_runs, "replay_k": args.replay_k, "threads": args.threads,
-    }
+    options = _options(args, methods, starts, shapes, args.peaks)
     run_config = {"run": config.to_dict(), "schedule": options}
     dataset = load_dataset(config.dataset)
     run_dir = RunDirectory.open(args.out, args.resume, command="schedule", config=run_config)
@@ -144,12 +139,7 @@ def _run_task(args: argparse.Namespace, methods: list[str], shapes: list[str], s
     app.check_options(source, methods=methods, starts=starts, meta_steps=args.meta_steps,
                       crafting_seeds=args.crafting_seeds, eval_seeds=args.eval_seeds,
                       selection_seeds=args.selection_seeds, select_by=args.select_by)
-    options = {
-        "methods": methods, "starts": starts, "meta_steps": args.meta_steps, "meta_lr": args.meta_lr,
-        "crafting_seeds": list(args.crafting_seeds), "selection_seeds": args.selection_seeds,
-        "eval_seeds": list(args.eval_seeds), "select_by": args.select_by, "peaks": list(peaks),
-        "shapes": shapes, "random_runs": args.random_runs, "replay_k": args.replay_k, "threads": args.threads,
-    }
+    options = _options(args, methods, starts, shapes, peaks)
     run_config = {**task_identity(args, runs), "schedule": options}
     run_dir = RunDirectory.open(args.out, args.resume, command="schedule", config=run_config)
     totals = {"mgd": (args.meta_steps + 1) * len(starts), "evaluate": 0}
@@ -165,6 +155,16 @@ def _run_task(args: argparse.Namespace, methods: list[str], shapes: list[str], s
     _write(args, run_dir, report, run_config, f"mgd schedule on {args.task} (T={source.steps}, "
            f"{len(args.eval_seeds)} evaluation seeds)")
     return 0
+
+
+def _options(args: argparse.Namespace, methods, starts, shapes, peaks) -> dict:
+    """The search settings that, with the run, define the result (a resume must match them)."""
+    return {
+        "methods": methods, "starts": starts, "meta_steps": args.meta_steps, "meta_lr": args.meta_lr,
+        "crafting_seeds": list(args.crafting_seeds), "selection_seeds": args.selection_seeds,
+        "eval_seeds": list(args.eval_seeds), "select_by": args.select_by, "peaks": list(peaks),
+        "shapes": shapes, "random_runs": args.random_runs, "replay_k": args.replay_k, "threads": args.threads,
+    }
 
 
 def _write(args: argparse.Namespace, run_dir: RunDirectory, report: dict, run_config: dict, title: str) -> None:
