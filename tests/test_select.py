@@ -307,3 +307,15 @@ def test_command_with_a_small_validation_split_and_averaged_mgd(tmp_path):
     assert report["config"]["val_per_class"] == 3
     assert report["selection"]["mgd"]["seeds_per_step"] == 2
     assert main(["select", "--dataset", "digits", "--seeds-per-step", "3", "--out", str(tmp_path / "x"), *TINY]) == 2
+
+
+def test_budget_aware_mgd_keeps_the_weights_on_the_budget(digits):
+    pool = S.corrupt_pool(replace(digits, x_train=digits.x_train[:200], y_train=digits.y_train[:200]),
+                          label_noise=0.3, seed=0)
+    ctx = S.SelectionContext(RunConfig(steps=10, width=8, batch_size=20).resolved(), pool, 50, [0, 1], run_seconds=0.1)
+    settings = S.MGDSettings(meta_steps=4, step_size=0.3, mask_prob=0.5, budget_aware=True)
+    selection, reweighting, history = S.mgd_select(ctx, settings)
+    w = reweighting.meta["data_weights"]
+    assert w.sum() == pytest.approx(200.0, rel=1e-5) and w.max() <= 4.0 + 1e-5 and w.min() >= 0.0
+    assert reweighting.info["chosen_iterate"] > 0 and np.ptp(w) > 0  # it moved, within the set
+    assert len(selection.y_train) == 50

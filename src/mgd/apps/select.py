@@ -96,7 +96,7 @@ from mgd.corruption import label_noise as _label_noise
 from mgd.corruption import near_duplicates
 from mgd.corruption import off_distribution as off_distribution_fn
 from mgd.data import Dataset
-from mgd.descent import Box, DescentState, SignedStep, descend
+from mgd.descent import Box, DescentState, FixedTotal, SignedStep, descend
 from mgd.errors import UserError, check_choices
 from mgd.losses import labels_of
 from mgd.optim import Adam
@@ -790,11 +790,13 @@ class MGDSettings:
     seeds_per_step: int = 2
     #: training runs (seeds) averaged when scoring each iterate's top-k subset on validation
     subset_seeds: int = 1
+    #: keep the weights on the budget throughout: mean 1, each at most N/k (see mgd_select)
+    budget_aware: bool = False
 
     def to_dict(self) -> dict:
         return {"meta_steps": self.meta_steps, "step_size": self.step_size, "mask_prob": self.mask_prob,
                 "replay_k": self.replay_k, "seeds_per_step": self.seeds_per_step,
-                "subset_seeds": self.subset_seeds}
+                "subset_seeds": self.subset_seeds, "budget_aware": self.budget_aware}
 
 
 def _weight_by_kind(ctx: SelectionContext, w: np.ndarray) -> dict:
@@ -837,7 +839,13 @@ def mgd_select(
                         "seconds": record.seconds, "mean_weight_by_kind": _weight_by_kind(ctx, w)})
 
     optimizer = SignedStep(settings.step_size, settings.mask_prob, mask_seed=seeds[0])
-    state = descend(ctx.make, z0, optimizer=optimizer, projections={"data_weights": Box(0.0, None)},
+    # Budget-aware: project onto {0 ≤ w ≤ N/k, Σ w = N}. A subset of k examples at weight N/k
+    # (the rest 0) is a vertex of that set, and a run with those weights matches training on
+    # the subset in expectation (each batch's loss (1/B) Σ w_i ℓ_i averages the subset's
+    # losses), so the metagradient is taken near the runs the top-k will become.
+    projection = (FixedTotal(float(ctx.size), upper=ctx.size / ctx.k) if settings.budget_aware
+                  else Box(0.0, None))
+    state = descend(ctx.make, z0, optimizer=optimizer, projections={"data_weights": projection},
                     steps=settings.meta_steps, seeds=seeds, k=settings.replay_k, seeds_per_step=settings.seeds_per_step,
                     on_step=on_step, progress=progress)
     mgd_seconds = time.perf_counter() - started

@@ -98,6 +98,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--subset-seeds", type=positive_int, default=MGDSettings().subset_seeds,
                    help="MGD: training runs averaged when each iterate's top-k subset is scored on "
                         "validation to choose the iterate (default: %(default)s)")
+    m.add_argument("--budget-aware", action="store_true",
+                   help="MGD: keep the weights on the budget at every meta-step (mean 1, each at most "
+                        "N/k), so that metagradients are taken near the subsets the top-k becomes")
     m.add_argument("--crafting-seeds", type=seed_list, default=[0, 1, 2, 3, 4],
                    help="seeds for MGD and the baselines (default: 0,1,2,3,4)")
     m.add_argument("--eval-seeds", type=seed_list, default=list(range(100, 110)),
@@ -142,7 +145,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--seeds-per-step {args.seeds_per_step} exceeds the {len(args.crafting_seeds)} "
                         "--crafting-seeds; give more crafting seeds or average fewer")
     settings = MGDSettings(args.meta_steps, args.meta_lr, args.mask_prob, args.replay_k,
-                           seeds_per_step=args.seeds_per_step, subset_seeds=args.subset_seeds)
+                           seeds_per_step=args.seeds_per_step, subset_seeds=args.subset_seeds,
+                           budget_aware=args.budget_aware)
     if args.task:
         return _run_task(args, methods, settings)
     rates = _rates(args)
