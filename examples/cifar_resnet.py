@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import functools
 import shutil
 import tempfile
 import time
@@ -87,11 +88,18 @@ def write_synthetic_cifar(directory: str | Path, *, train: int = 200, test: int 
     return directory
 
 
-def synthetic_directory(seed: int = 0) -> Path:
-    """A fresh temporary synthetic CIFAR-10 directory (removed when the process exits); says so."""
+@functools.lru_cache(maxsize=None)
+def _written_synthetic(seed: int) -> Path:
     directory = Path(tempfile.mkdtemp(prefix="mgd-synthetic-cifar10-"))
     atexit.register(shutil.rmtree, directory, ignore_errors=True)
     write_synthetic_cifar(directory, seed=seed)
+    return directory
+
+
+def synthetic_directory(seed: int = 0) -> Path:
+    """A temporary synthetic CIFAR-10 directory (removed when the process exits), written once
+    per process (the applications build the task once per seed); says so."""
+    directory = _written_synthetic(seed)
     print(f"no CIFAR-10 directory given: wrote synthetic CIFAR-10 binary files (200 training, 100 test "
           f"records) to {directory}")
     return directory
@@ -197,9 +205,12 @@ def build(seed: int = 0, steps: int = 60, dtype="float32", device="cpu", *, data
     eval_batch = 4 * batch_size
     objective = mgd.Objective(run.stateless, val, batch_size=eval_batch)  # validation cross-entropy
     metrics = {"val_accuracy": mgd.Metric(run.stateless, val, batch_size=eval_batch)}
+    # held out: read only by the applications' final evaluation (mgd select/poison/schedule --task)
+    held_out = {}
     if len(test[1]):
-        metrics["test_accuracy"] = mgd.Metric(run.stateless, test, batch_size=eval_batch)
-    task = mgd.Task(run, objective, metrics)
+        held_out = {"test_loss": mgd.Objective(run.stateless, test, batch_size=eval_batch),
+                    "test_accuracy": mgd.Metric(run.stateless, test, batch_size=eval_batch)}
+    task = mgd.Task(run, objective, metrics, test=held_out)
     task.data_directory = str(directory)
     task.labels = train[1]
     return task
@@ -212,7 +223,7 @@ def evaluate(task: mgd.Task, state: mgd.TrainState) -> dict[str, float]:
     named = task.run.named_tensors(state.params, state.buffers)
     with torch.no_grad():
         out = {"val_loss": float(task.objective(named))}
-        out.update({name: float(metric(named)) for name, metric in task.metrics.items()})
+        out.update({name: float(metric(named)) for name, metric in (*task.metrics.items(), *task.test.items())})
     return out
 
 

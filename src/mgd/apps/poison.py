@@ -905,7 +905,8 @@ def run_task_poisoning(
     candidates = [no_poison(pool), *_build_all(methods, builders, finished, unit, on_candidate)]
     for candidate in candidates:  # where TaskRuns.evaluate puts the inputs back
         candidate.info["input_field"] = pool.field
-    report = evaluate_task(pool.runs, candidates, eval_seeds, attack=True, progress=progress, workers=eval_workers)
+    report = evaluate_task(pool.runs, candidates, eval_seeds, attack=True, primary="test_accuracy",
+                           progress=progress, workers=eval_workers)
     report["poisoning"] = poisoning_summary(report)
     report["setup"] = {
         "budget": budget, "poisons": int(len(plan.slots)), "mode": "replace", "labels": labels,

@@ -128,6 +128,7 @@ def evaluate_task(
     seeds: Sequence[int],
     *,
     attack: bool = False,
+    primary: str | None = None,
     progress=None,
     workers: int = 1,
 ) -> dict:
@@ -135,12 +136,14 @@ def evaluate_task(
     retrained by the task function with each evaluation seed (on its subset, with its
     metaparameters) and measured by the task's objective, ``metrics`` and held-out ``test``
     metrics. The strongest baseline is the one with the lowest validation objective (the
-    highest, for an attack); paired differences are given for every test metric."""
+    highest, for an attack); paired differences are given for every test metric, ``primary``
+    (e.g. ``test_accuracy``) first, as the headline of the table."""
     tasks = [(runs.spec, runs.options, candidate, seed) for candidate in candidates for seed in seeds]
     keys = ("val_objective", *runs.metric_names, *runs.test_names)
+    tests = sorted(runs.test_names, key=lambda name: name != primary)  # ``primary`` first: the headline
     return _evaluate(_train_task_once, tasks, candidates, seeds, attack=attack, progress=progress, workers=workers,
                      keys=keys, val_key="val_objective", higher_is_better=False,
-                     diff_keys=tuple(runs.test_names) or ("val_objective",),
+                     diff_keys=tuple(tests) or ("val_objective",),
                      train_size=lambda c: len(c.subset) if c.subset is not None else runs.size)
 
 
