@@ -319,3 +319,22 @@ def test_budget_aware_mgd_keeps_the_weights_on_the_budget(digits):
     assert w.sum() == pytest.approx(200.0, rel=1e-5) and w.max() <= 4.0 + 1e-5 and w.min() >= 0.0
     assert reweighting.info["chosen_iterate"] > 0 and np.ptp(w) > 0  # it moved, within the set
     assert len(selection.y_train) == 50
+
+
+def test_validation_holdout_splits_per_class_and_the_metagradient_sees_only_its_part(digits):
+    pool = S.corrupt_pool(replace(digits, x_train=digits.x_train[:200], y_train=digits.y_train[:200]),
+                          label_noise=0.3, seed=0)
+    ctx = S.SelectionContext(RunConfig(steps=10, width=8, batch_size=20).resolved(), pool, 100, [0, 1], run_seconds=0.1)
+    crafting, held = S._split_validation(ctx, 0.3)
+    assert len(np.intersect1d(crafting, held)) == 0 and len(crafting) + len(held) == len(digits.y_val)
+    per_class = np.bincount(digits.y_val[held], minlength=10) / np.bincount(digits.y_val, minlength=10)
+    assert np.allclose(per_class, 0.3, atol=0.03)
+    run, objective = ctx.make(0)
+    final = run.run()
+    named = run.named_tensors(final.params, final.buffers)
+    logits = run.predict(final.params, final.buffers, torch.as_tensor(digits.x_val[held], dtype=run.dtype))
+    expected = torch.nn.functional.cross_entropy(logits, torch.as_tensor(digits.y_val[held]))
+    assert float(S._objective_on(objective, held)(named)) == pytest.approx(float(expected), rel=1e-5)
+    _, _, history = S.mgd_select(ctx, S.MGDSettings(meta_steps=1, holdout=0.3, seeds_per_step=1))
+    # the descent's objective is the crafting part's loss, not the whole split's
+    assert history[0]["val_objective"] == pytest.approx(float(S._objective_on(objective, crafting)(named)), rel=1e-5)

@@ -98,7 +98,7 @@ from mgd.corruption import off_distribution as off_distribution_fn
 from mgd.data import Dataset
 from mgd.descent import Box, DescentState, FixedTotal, SignedStep, descend
 from mgd.errors import UserError, check_choices
-from mgd.losses import labels_of
+from mgd.losses import Objective, labels_of
 from mgd.optim import Adam
 from mgd.step import TrainingRun
 
@@ -792,11 +792,15 @@ class MGDSettings:
     subset_seeds: int = 1
     #: keep the weights on the budget throughout: mean 1, each at most N/k (see mgd_select)
     budget_aware: bool = False
+    #: fraction of the validation split held out from the metagradient and used only to
+    #: choose the iterate (0: the whole split serves both)
+    holdout: float = 0.0
 
     def to_dict(self) -> dict:
         return {"meta_steps": self.meta_steps, "step_size": self.step_size, "mask_prob": self.mask_prob,
                 "replay_k": self.replay_k, "seeds_per_step": self.seeds_per_step,
-                "subset_seeds": self.subset_seeds, "budget_aware": self.budget_aware}
+                "subset_seeds": self.subset_seeds, "budget_aware": self.budget_aware,
+                "holdout": self.holdout}
 
 
 def _weight_by_kind(ctx: SelectionContext, w: np.ndarray) -> dict:
@@ -805,6 +809,36 @@ def _weight_by_kind(ctx: SelectionContext, w: np.ndarray) -> dict:
     if kind is None:
         return {}
     return {name: float(w[kind == code].mean()) for code, name in enumerate(KINDS) if (kind == code).any()}
+
+
+def _split_validation(ctx: SelectionContext, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """``(crafting part, held-out part)`` of the validation examples: a seeded split, stratified
+    by label when the validation data has labels, ``fraction`` of each class held out."""
+    if not 0.0 < fraction < 1.0:
+        raise UserError(f"the validation hold-out must be a fraction in (0, 1), got {fraction}")
+    objective = objective_parts(ctx.make(ctx.crafting_seeds[0])[1], "a validation hold-out")
+    n = len(objective.data)
+    try:
+        labels = labels_of(objective.data.batch(torch.arange(n))).cpu().numpy()
+    except UserError:
+        labels = np.zeros(n, dtype=np.int64)
+    rng = np.random.default_rng([ctx.crafting_seeds[0], 0x401D])
+    held = []
+    for label in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        held.extend(members[: max(1, int(round(fraction * len(members))))])
+    held = np.sort(np.asarray(held, dtype=np.int64))
+    crafting = np.setdiff1d(np.arange(n), held)
+    if len(crafting) == 0:
+        raise UserError("the validation hold-out leaves no validation example to differentiate; lower it")
+    return crafting, held
+
+
+def _objective_on(objective, indices: np.ndarray):
+    """The same objective on the validation examples at ``indices`` only."""
+    val = objective_parts(objective, "a validation hold-out")
+    return Objective(val.model, val.data.take(torch.as_tensor(indices)), loss=val.loss,
+                     batch_size=min(val.batch_size, len(indices)), inputs=val.inputs)
 
 
 def mgd_select(
@@ -829,6 +863,22 @@ def mgd_select(
         raise UserError("MGD selection needs the data_weights metaparameter; add 'data_weights' to "
                         "metaparams=[...] in the task function")
     z0 = {"data_weights": torch.ones(ctx.size, dtype=base.dtype, device=base.device)}
+    make, subset_score = ctx.make, ctx.subset_val_loss
+    if settings.holdout:
+        # MGD overfits the split it differentiates (docs/robustness.md: validation accuracy far
+        # above test): differentiate one part and choose the iterate on the other.
+        crafting_part, held_part = _split_validation(ctx, settings.holdout)
+
+        def make(seed: int):
+            run, objective = ctx.make(seed)
+            return run, _objective_on(objective, crafting_part)
+
+        def subset_score(indices: np.ndarray, seed: int) -> dict:
+            run, objective = ctx.make(seed, indices)
+            final = run.run()
+            with torch.no_grad():
+                held = _objective_on(objective, held_part)(run.named_tensors(final.params, final.buffers))
+            return {"val_loss": float(held)}
     iterates: list[np.ndarray] = []
     history: list[dict] = []
 
@@ -845,7 +895,7 @@ def mgd_select(
     # losses), so the metagradient is taken near the runs the top-k will become.
     projection = (FixedTotal(float(ctx.size), upper=ctx.size / ctx.k) if settings.budget_aware
                   else Box(0.0, None))
-    state = descend(ctx.make, z0, optimizer=optimizer, projections={"data_weights": projection},
+    state = descend(make, z0, optimizer=optimizer, projections={"data_weights": projection},
                     steps=settings.meta_steps, seeds=seeds, k=settings.replay_k, seeds_per_step=settings.seeds_per_step,
                     on_step=on_step, progress=progress)
     mgd_seconds = time.perf_counter() - started
@@ -855,7 +905,7 @@ def mgd_select(
     subsets, scores = [], []
     for i, w in enumerate(iterates):
         indices = top_k(w, ctx.k, tiebreak=trajectory[i] / (i + 1))
-        runs = [ctx.subset_val_loss(indices, seeds[(i + j) % len(seeds)]) for j in range(settings.subset_seeds)]
+        runs = [subset_score(indices, seeds[(i + j) % len(seeds)]) for j in range(settings.subset_seeds)]
         score = {key: float(np.mean([r[key] for r in runs])) for key in runs[0]}
         history[i].update({f"subset_{key}": value for key, value in score.items()})
         if ctx.pool is not None:

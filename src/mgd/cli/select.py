@@ -98,6 +98,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--subset-seeds", type=positive_int, default=MGDSettings().subset_seeds,
                    help="MGD: training runs averaged when each iterate's top-k subset is scored on "
                         "validation to choose the iterate (default: %(default)s)")
+    m.add_argument("--holdout", type=float, default=MGDSettings().holdout, metavar="FRACTION",
+                   help="MGD: hold this fraction of the validation split out of the metagradient and "
+                        "choose the iterate on it only (default: %(default)s, the whole split serves both)")
     m.add_argument("--budget-aware", action="store_true",
                    help="MGD: keep the weights on the budget at every meta-step (mean 1, each at most "
                         "N/k), so that metagradients are taken near the subsets the top-k becomes")
@@ -146,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
                         "--crafting-seeds; give more crafting seeds or average fewer")
     settings = MGDSettings(args.meta_steps, args.meta_lr, args.mask_prob, args.replay_k,
                            seeds_per_step=args.seeds_per_step, subset_seeds=args.subset_seeds,
-                           budget_aware=args.budget_aware)
+                           budget_aware=args.budget_aware, holdout=args.holdout)
     if args.task:
         return _run_task(args, methods, settings)
     rates = _rates(args)
