@@ -77,6 +77,7 @@ import torch
 from torch import Tensor
 
 import mgd
+from mgd.apps.protocol import training_run_seconds
 from mgd.apps.select import adam_features, less_scores, rademacher_project, top_k
 from mgd.descent import Box, SignedStep
 from mgd.errors import UserError
@@ -603,14 +604,10 @@ def evaluate_subset(ctx: LMContext, indices, *, regime: str, seed: int) -> dict[
 
 
 def measure_run_seconds(ctx: LMContext, *, regime: str = "full", seed: int = 0) -> float:
-    """Wall time of one fine-tuning run (after a warm-up run). The recipe runs ``T`` steps of
+    """Seconds of one fine-tuning run (:func:`mgd.apps.protocol.training_run_seconds`). The recipe runs ``T`` steps of
     the same batch size whatever the subset, so the time does not depend on which one."""
     idx = np.arange(min(ctx.n, ctx.recipe.batch_size * 4))
-    run = finetune_run(ctx, _subset(ctx.pool_data, idx), regime=regime, seed=seed)
-    run.run()  # warm-up (allocator, thread pool)
-    started = time.perf_counter()
-    run.run()
-    return time.perf_counter() - started
+    return training_run_seconds(finetune_run(ctx, _subset(ctx.pool_data, idx), regime=regime, seed=seed))
 
 
 # =========================================================================== selections

@@ -66,7 +66,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mgd.apps.protocol import Candidate, Cost, check_seeds, evaluate, evaluate_task, report_markdown
+from mgd.apps.protocol import (
+    Candidate,
+    Cost,
+    check_seeds,
+    evaluate,
+    evaluate_task,
+    report_markdown,
+    training_run_seconds,
+)
 from mgd.config import RunConfig, build_problem
 from mgd.data import Dataset
 from mgd.descent import SignedStep, descend
@@ -317,14 +325,8 @@ def _val_score(config: RunConfig, dataset: Dataset, x: np.ndarray, y: np.ndarray
 
 
 def _run_seconds(config: RunConfig, dataset: Dataset) -> float:
-    """Wall-clock seconds of one victim training run (the unit of ``Cost.training_runs``)."""
-    times = []
-    for _ in range(3):  # the fastest of 3: other processes on a shared machine only add time
-        problem = build_problem(_seeded(config, 0), dataset=dataset)
-        started = time.perf_counter()
-        problem.trainer.run()
-        times.append(time.perf_counter() - started)
-    return min(times)
+    """Seconds of one victim training run (the unit of ``Cost.training_runs``)."""
+    return training_run_seconds(build_problem(_seeded(config, 0), dataset=dataset).trainer)
 
 
 def _candidate(name: str, plan: PoisonPlan, x_poison: np.ndarray, y_poison: np.ndarray, *, seconds: float,
@@ -888,11 +890,7 @@ def run_task_poisoning(
     check_seeds(crafting_seeds, eval_seeds)
     plan = plan_poisons(pool, budget=budget, mode="replace", labels=labels, seed=attack_seed)
     box = PoisonBox.for_dataset(pool)
-    run = pool.runs.task(crafting_seeds[0]).run
-    run.run()  # warm-up
-    started = time.perf_counter()
-    run.run()
-    unit = time.perf_counter() - started
+    unit = training_run_seconds(pool.runs.task(crafting_seeds[0]).run)
     finished = dict(finished or {})
     builders = {
         "random_noise": lambda: random_noise(pool, plan, box, seed=attack_seed),

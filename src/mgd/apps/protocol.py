@@ -24,7 +24,7 @@ from mgd.evaluation import mean_ci, parallel_map, retrain_and_evaluate
 from mgd.io import atomic_write_bytes
 
 __all__ = [
-    "Candidate", "Cost", "evaluate", "evaluate_task", "report_markdown", "with_training_set", "check_seeds",
+    "Candidate", "Cost", "evaluate", "evaluate_task", "report_markdown", "training_run_seconds", "with_training_set", "check_seeds",
     "save_candidate", "load_candidate",
 ]
 
@@ -42,6 +42,22 @@ class Cost:
 
     def to_dict(self) -> dict:
         return {"seconds": self.seconds, "training_runs": self.training_runs}
+
+
+def training_run_seconds(run, *, repeats: int = 3) -> float:
+    """The cost unit of every application: seconds of one plain training run of ``run``, the
+    median of ``repeats`` runs after one warm-up run (thread pools, allocations).
+
+    A method's cost in training-run equivalents is its seconds divided by this, measured the
+    same way for every method and application.
+    """
+    run.run()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run.run()
+        times.append(time.perf_counter() - started)
+    return float(np.median(times))
 
 
 @dataclass

@@ -66,7 +66,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mgd.apps.protocol import Candidate, Cost, check_seeds, evaluate, evaluate_task, load_candidate, save_candidate
+from mgd.apps.protocol import (
+    Candidate,
+    Cost,
+    check_seeds,
+    evaluate,
+    evaluate_task,
+    load_candidate,
+    save_candidate,
+    training_run_seconds,
+)
 from mgd.apps.tasks import TaskRuns
 from mgd.config import RunConfig, build_problem
 from mgd.data import Dataset
@@ -322,13 +331,7 @@ def reference_run_seconds(config, dataset: Dataset | None, *, repeats: int = 3) 
     """Seconds of one plain training run (median of ``repeats`` after one warm-up run)."""
     source = _source(config, dataset)
     run, _ = source.make(source.config.seed if source.config is not None else 0)
-    run.run()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        run.run()
-        times.append(time.perf_counter() - started)
-    return float(np.median(times))
+    return training_run_seconds(run, repeats=repeats)
 
 
 def metagradient_cost_runs(

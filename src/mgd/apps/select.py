@@ -81,7 +81,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mgd.apps.protocol import Candidate, Cost, check_seeds, evaluate, evaluate_task
+from mgd.apps.protocol import Candidate, Cost, check_seeds, evaluate, evaluate_task, training_run_seconds
 from mgd.apps.tasks import (
     TaskRuns,
     losses_jvp,
@@ -1038,10 +1038,7 @@ def run_selection(
         ctx = SelectionContext(config, pool, _check_pool(pool, budget), crafting_seeds)
     k = ctx.k
     started = time.perf_counter()
-    ctx.make(crafting_seeds[0])[0].run()  # warm-up (thread pools, allocations)
-    t0 = time.perf_counter()
-    ctx.make(crafting_seeds[0])[0].run()
-    ctx.run_seconds = time.perf_counter() - t0
+    ctx.run_seconds = training_run_seconds(ctx.make(crafting_seeds[0])[0])
 
     done = dict(finished or {})
     history: list[dict] = []
