@@ -338,3 +338,34 @@ def test_validation_holdout_splits_per_class_and_the_metagradient_sees_only_its_
     _, _, history = S.mgd_select(ctx, S.MGDSettings(meta_steps=1, holdout=0.3, seeds_per_step=1))
     # the descent's objective is the crafting part's loss, not the whole split's
     assert history[0]["val_objective"] == pytest.approx(float(S._objective_on(objective, crafting)(named)), rel=1e-5)
+
+
+def test_mgd_selection_killed_mid_descent_resumes_to_the_same_result(digits, tmp_path):
+    from mgd.runs import RunDirectory
+
+    pool = S.corrupt_pool(replace(digits, x_train=digits.x_train[:200], y_train=digits.y_train[:200]),
+                          label_noise=0.3, seed=0)
+    ctx = S.SelectionContext(RunConfig(steps=10, width=8, batch_size=20).resolved(), pool, 100, [0, 1, 2],
+                             run_seconds=0.1)
+    settings = S.MGDSettings(meta_steps=4, seeds_per_step=1)
+    whole = S.mgd_select(ctx, settings)
+
+    class Killed(Exception):
+        pass
+
+    calls = []
+
+    def kill_after_two(phase, n):
+        calls.append(phase)
+        if calls.count("meta") == 2:
+            raise Killed
+
+    store = RunDirectory.create(tmp_path / "run", command="select", config={})
+    with pytest.raises(Killed):
+        S.mgd_select(ctx, settings, store=store, progress=kill_after_two)
+    resumed_meta = []
+    again = S.mgd_select(ctx, settings, store=store, progress=lambda phase, n: resumed_meta.append(n))
+    assert resumed_meta[0] == 2  # it continued after the two saved meta-steps
+    assert np.array_equal(again[0].y_train, whole[0].y_train) and np.array_equal(again[0].x_train, whole[0].x_train)
+    assert np.array_equal(again[1].meta["data_weights"], whole[1].meta["data_weights"])
+    assert [h["val_objective"] for h in again[2]] == [h["val_objective"] for h in whole[2]]

@@ -71,6 +71,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass, replace
@@ -96,7 +97,7 @@ from mgd.corruption import label_noise as _label_noise
 from mgd.corruption import near_duplicates
 from mgd.corruption import off_distribution as off_distribution_fn
 from mgd.data import Dataset
-from mgd.descent import Box, DescentState, FixedTotal, SignedStep, descend
+from mgd.descent import Box, DescentState, FixedTotal, SignedStep, descend, state_from_arrays, state_to_arrays
 from mgd.errors import UserError, check_choices
 from mgd.losses import Objective, labels_of
 from mgd.optim import Adam
@@ -845,9 +846,14 @@ def mgd_select(
     ctx: SelectionContext,
     settings: MGDSettings = MGDSettings(),
     *,
+    store=None,
     progress: Callable[[str, int], None] | None = None,
 ) -> tuple[Candidate, Candidate, list[dict]]:
     """MGD on per-example data weights, then a top-``k`` selection (see the module doc).
+
+    ``store``: a :class:`~mgd.runs.RunDirectory`; the descent is saved there after every
+    meta-step (``mgd_state.npz``, one atomic file: the optimizer state, every iterate and the
+    history), and a killed run continues from it with the same results.
 
     Returns:
         ``(selection, reweighting, history)``: the top-``k`` subset of the iterate whose subset
@@ -881,12 +887,28 @@ def mgd_select(
             return {"val_loss": float(held)}
     iterates: list[np.ndarray] = []
     history: list[dict] = []
+    state = None
+    if store is not None and (store.path / "mgd_state.npz").is_file():
+        from mgd.io import load_npz
 
-    def on_step(record, state: DescentState) -> None:
+        arrays = load_npz(store.path / "mgd_state.npz", what=f"--resume {store.path}")
+        saved = json.loads(arrays["json"].tobytes().decode())
+        state = state_from_arrays({k: v for k, v in arrays.items() if k not in ("iterates", "json")},
+                                  saved["state"], like=z0)
+        iterates = list(arrays["iterates"][: state.step])
+        history = saved["history"][: state.step]
+        if progress is not None:
+            progress("meta", state.step)
+
+    def on_step(record, new_state: DescentState) -> None:
         w = record.iterate["data_weights"].detach().cpu().numpy().astype(np.float64)
         iterates.append(w)
         history.append({"step": record.step, "seed": record.seed, "val_objective": record.value,
                         "seconds": record.seconds, "mean_weight_by_kind": _weight_by_kind(ctx, w)})
+        if store is not None:  # one file, replaced atomically: never half a save
+            arrays, meta = state_to_arrays(new_state)
+            record_bytes = np.frombuffer(json.dumps({"state": meta, "history": history}).encode(), dtype=np.uint8)
+            store.write_npz("mgd_state.npz", {**arrays, "iterates": np.stack(iterates), "json": record_bytes})
 
     optimizer = SignedStep(settings.step_size, settings.mask_prob, mask_seed=seeds[0])
     # Budget-aware: project onto {0 ≤ w ≤ N/k, Σ w = N}. A subset of k examples at weight N/k
@@ -897,7 +919,7 @@ def mgd_select(
                   else Box(0.0, None))
     state = descend(make, z0, optimizer=optimizer, projections={"data_weights": projection},
                     steps=settings.meta_steps, seeds=seeds, k=settings.replay_k, seeds_per_step=settings.seeds_per_step,
-                    on_step=on_step, progress=progress)
+                    state=state, on_step=on_step, progress=progress)
     mgd_seconds = time.perf_counter() - started
 
     # Choose the iterate for selection on validation: train each iterate's top-k subset.
@@ -998,6 +1020,7 @@ def run_selection(
     eval_seeds: Sequence[int] = tuple(range(100, 110)),
     finished: Mapping[str, Candidate] | None = None,
     on_candidate: Callable[[Candidate], None] | None = None,
+    store=None,
     progress: Callable[[str, int], None] | None = None,
     eval_workers: int = 1,
 ) -> dict:
@@ -1018,6 +1041,7 @@ def run_selection(
         crafting_seeds, eval_seeds: disjoint seed lists.
         finished: candidates already produced (resume); their methods are not rerun.
         on_candidate: called with each new candidate (e.g. to save it).
+        store: a run directory where MGD saves its descent after every meta-step (resume).
         progress: ``(phase, n)`` callback.
 
     Returns:
@@ -1061,7 +1085,7 @@ def run_selection(
         if all(name in done for name in candidate_names(method)):
             continue
         if method == "mgd":
-            selection, reweighting, history = mgd_select(ctx, mgd, progress=progress)
+            selection, reweighting, history = mgd_select(ctx, mgd, store=store, progress=progress)
             selection.info["history"] = history
             add(selection)
             add(reweighting)

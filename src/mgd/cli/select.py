@@ -175,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
         report = run_selection(
             config, pool, budget=args.budget, methods=methods, mgd=settings,
             crafting_seeds=args.crafting_seeds, eval_seeds=args.eval_seeds, finished=finished,
-            on_candidate=lambda c: save_candidate(run_dir, c), progress=progress,
+            on_candidate=lambda c: save_candidate(run_dir, c), store=run_dir, progress=progress,
             eval_workers=args.eval_workers,
         )
     described = ", ".join(f"{k.replace('_', ' ')} {v:g}" for k, v in rates.items() if v) or "none"
@@ -220,7 +220,7 @@ def _run_task(args: argparse.Namespace, methods: list[str], settings: MGDSetting
         report = run_selection(
             None, None, runs=runs, budget=args.budget, methods=methods, mgd=settings,
             crafting_seeds=args.crafting_seeds, eval_seeds=args.eval_seeds, finished=finished,
-            on_candidate=lambda c: save_candidate(run_dir, c), progress=progress, eval_workers=args.eval_workers,
+            on_candidate=lambda c: save_candidate(run_dir, c), store=run_dir, progress=progress, eval_workers=args.eval_workers,
         )
     _write(args, run_dir, report, run_config, _title(args.task, args, None))
     return 0
