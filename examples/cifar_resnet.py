@@ -216,6 +216,12 @@ def build(seed: int = 0, steps: int = 60, dtype="float32", device="cpu", *, data
     return task
 
 
+def build_wide(seed: int = 0, steps: int = 60, dtype="float32", device="cpu", **options) -> mgd.Task:
+    """The same task with a twice-as-wide ResNet-9: another victim recipe on the same data, e.g.
+    ``mgd poison --task examples/cifar_resnet.py:build --transfer-task examples/cifar_resnet.py:build_wide``."""
+    return build(seed, steps, dtype, device, **{"width": 16, **options})
+
+
 # ----------------------------------------------------------------------------- reporting
 
 

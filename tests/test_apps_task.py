@@ -32,12 +32,12 @@ def data():
     return (x[:80], noisy[:80]), (x[80:120], y[80:120]), (x[120:], y[120:])
 
 
-def build(seed=0, steps=12, dtype=torch.float32, device="cpu", subset=None):
+def build(seed=0, steps=12, dtype=torch.float32, device="cpu", subset=None, width=8):
     train, val, test = data()
     if subset is not None:
         train = (train[0][subset], train[1][subset])
     torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).to(dtype)
+    model = torch.nn.Sequential(torch.nn.Linear(5, width), torch.nn.Tanh(), torch.nn.Linear(width, 3)).to(dtype)
     run = mgd.make_run(model, optimizer=mgd.SGD(momentum=0.9), data=(train[0].to(dtype), train[1]), steps=steps,
                        batch_size=min(16, len(train[1])), lr=0.2, seed=seed, metaparams=["data_weights", "lr"])
     cast = lambda split: (split[0].to(dtype), split[1])
@@ -45,6 +45,10 @@ def build(seed=0, steps=12, dtype=torch.float32, device="cpu", subset=None):
                     metrics={"val_accuracy": mgd.Metric(run.stateless, cast(val))},
                     test={"test_loss": mgd.Objective(run.stateless, cast(test)),
                           "test_accuracy": mgd.Metric(run.stateless, cast(test))})
+
+
+def build_wide(seed=0, steps=12, dtype=torch.float32, device="cpu"):
+    return build(seed, steps, dtype, device, width=24)  # another victim, for transfer
 """
 
 # A regression on dict batches with two keyword inputs: no labels, so no class-aware methods.
@@ -209,6 +213,19 @@ def test_poison_on_a_classifier_task_end_to_end_and_resume(tmp_path):
     assert main([*args, "--resume", str(out)]) == 0
     again = json.loads((out / "report.json").read_text())
     assert again["methods"]["mgd"]["per_seed"] == report["methods"]["mgd"]["per_seed"]
+
+
+def test_poison_on_a_task_transfers_to_another_victim(tmp_path):
+    spec = write(tmp_path, "clf.py", CLASSIFIER) + ":build"
+    out = tmp_path / "run"
+    assert main(["poison", "--task", spec, "--transfer-task", spec.replace(":build", ":build_wide"),
+                 "--methods", "label_flips,mgd", "--budget", "0.1", "--out", str(out), *TINY]) == 0
+    report = json.loads((out / "report.json").read_text())
+    transfer = report["transfer"]
+    assert transfer["task"].endswith("clf.py:build_wide") and set(transfer["poisoning"]["drops"]) == {"label_flips", "mgd"}
+    # the same poisoned sets, another victim: numbers differ from the crafting victim's
+    assert transfer["report"]["methods"]["mgd"]["per_seed"] != report["methods"]["mgd"]["per_seed"]
+    assert "Transfer: the same poisons against another victim" in (out / "report.md").read_text()
 
 
 def test_poison_on_a_task_refuses_what_does_not_apply(tmp_path, capsys):

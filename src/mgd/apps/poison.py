@@ -877,11 +877,14 @@ def run_task_poisoning(
     on_mgd_step: Callable | None = None,
     progress: Callable | None = None,
     eval_workers: int = 1,
+    transfer: TaskRuns | None = None,
 ) -> dict:
     """:func:`run_poisoning` on a user's task: poisons replace ``budget`` of its training points
     (the paper's setting), features stay in the per-feature training box, and every candidate is
     retrained by the task function and measured on its ``val_accuracy`` metric and held-out
-    ``test_accuracy`` (:func:`mgd.apps.protocol.evaluate_task`). Methods: :data:`TASK_METHODS`."""
+    ``test_accuracy`` (:func:`mgd.apps.protocol.evaluate_task`). Methods: :data:`TASK_METHODS`.
+    ``transfer``: another task (another victim recipe on the same training set, e.g. another
+    width) on which the same poisoned training sets are evaluated too, never used in crafting."""
     methods = list(methods)
     outside = [m for m in methods if m not in TASK_METHODS]
     if outside or not methods:
@@ -906,6 +909,14 @@ def run_task_poisoning(
     report = evaluate_task(pool.runs, candidates, eval_seeds, attack=True, primary="test_accuracy",
                            progress=progress, workers=eval_workers)
     report["poisoning"] = poisoning_summary(report)
+    if transfer is not None:
+        other = TaskPool.of(transfer, pool.field)
+        if other.x_train.shape != pool.x_train.shape:
+            raise UserError(f"the transfer task trains on inputs shaped {other.x_train.shape[1:]} x {len(other.x_train)}, "
+                            f"not {pool.x_train.shape[1:]} x {len(pool.x_train)}; it must use the same training set")
+        transferred = evaluate_task(transfer, candidates, eval_seeds, attack=True, primary="test_accuracy",
+                                    progress=progress, workers=eval_workers)
+        report["transfer"] = {"task": transfer.spec, "report": transferred, "poisoning": poisoning_summary(transferred)}
     report["setup"] = {
         "budget": budget, "poisons": int(len(plan.slots)), "mode": "replace", "labels": labels,
         "train_size": int(len(plan.y)), "box": "per-feature train [min,max]", "crafting_seeds": crafting_seeds,
@@ -924,7 +935,6 @@ def report_text(report: Mapping, title: str) -> str:
     text = report_markdown(report, title) + "\n" + head + poisoning_markdown(report["poisoning"], "Test-accuracy drop vs no poison (paired)")
     if "transfer" in report:
         t = report["transfer"]
-        cfg = t["config"]
-        text += "\n" + poisoning_markdown(
-            t["poisoning"], f"Transfer: the same poisons against another victim ({cfg['activation']}, width {cfg['width']})")
+        victim = (f"{t['config']['activation']}, width {t['config']['width']}" if "config" in t else t["task"])
+        text += "\n" + poisoning_markdown(t["poisoning"], f"Transfer: the same poisons against another victim ({victim})")
     return text

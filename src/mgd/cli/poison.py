@@ -102,6 +102,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="victim recipe for the transfer check, NAME:knob=value,... on top of the victim; "
                         "'auto' = ReLU and double width, 'none' = skip (default: %(default)s)")
     p.add_argument("--attack-seed", type=int, default=0, help="which clean points are copied (default: %(default)s)")
+    p.add_argument("--transfer-task", metavar="FILE.py:FUNCTION",
+                   help="with --task: also evaluate the same poisoned training sets on this task (another "
+                        "victim recipe on the same training data), never used in crafting")
     p.add_argument("--poison-field", default="0", metavar="FIELD",
                    help="with --task: the batch field holding the inputs to poison, a tuple position or a "
                         "dict key (default: %(default)s, the x of (x, y) batches)")
@@ -216,9 +219,13 @@ def _run_task(args: argparse.Namespace) -> int:
     refused = [f"--{n.replace('_', '-')}" for n in ("mode", "transfer", "craft_also") if n in given]
     if refused:
         raise UserError(f"{', '.join(refused)} do{'es' if len(refused) == 1 else ''} not apply with --task: a task's "
-                        "poisons replace its own points, and other victim recipes are the presets'")
+                        "poisons replace its own points, and another victim is --transfer-task FILE.py:FUNCTION")
     methods = _methods(args.methods) if "methods" in given else list(TASK_METHODS)
     runs = task_runs_from_args(args, command="mgd poison")
+    transfer = None
+    if args.transfer_task:
+        transfer = task_runs_from_args(argparse.Namespace(**{**vars(args), "task": args.transfer_task}),
+                                       command="mgd poison --transfer-task")
     field = args.poison_field
     pool = TaskPool.of(runs, int(field) if field.isdigit() else field)
     if any(m not in TASK_METHODS for m in methods):
@@ -227,7 +234,7 @@ def _run_task(args: argparse.Namespace) -> int:
         "budget": args.budget, "labels": args.labels, "methods": methods, "meta_steps": args.meta_steps,
         "step_size": args.step_size, "crafting_seeds": list(args.crafting_seeds), "eval_seeds": list(args.eval_seeds),
         "attack_seed": args.attack_seed, "threads": args.threads, "seeds_per_step": args.seeds_per_step,
-        "objective": args.objective, "poison_field": field,
+        "objective": args.objective, "poison_field": field, "transfer_task": transfer.spec if transfer else None,
     }
     run_dir = RunDirectory.open(args.out, args.resume, command="poison", config={**task_identity(args, runs), "poison": options})
     finished, mgd_state, on_mgd_step = _resume(args, run_dir, methods, runs.task(0).run.dtype)
@@ -238,7 +245,7 @@ def _run_task(args: argparse.Namespace) -> int:
             step_size=args.step_size, seeds_per_step=args.seeds_per_step, objective=args.objective,
             crafting_seeds=args.crafting_seeds, eval_seeds=args.eval_seeds, attack_seed=args.attack_seed,
             finished=finished, on_candidate=lambda c: save_candidate(run_dir, c), mgd_state=mgd_state,
-            on_mgd_step=on_mgd_step, progress=progress, eval_workers=args.eval_workers,
+            on_mgd_step=on_mgd_step, progress=progress, eval_workers=args.eval_workers, transfer=transfer,
         )
     _write(args, run_dir, report, f"mgd poison: {args.task}, {100 * args.budget:g}% replaced, labels {args.labels}")
     return 0
