@@ -10,8 +10,9 @@ evaluation seeds.
 **MGD** (``method.md`` §3.3, §6). Per-example data weights ``w ∈ R^N`` enter each step's loss
 as ``(1/B) Σ_{i∈B_t} w_i ℓ_i(θ_t)``. Starting at ``w = 1``, each meta-step computes the exact
 metagradient ``∇_w φ`` of the validation cross-entropy ``φ`` of the final model by REPLAY
-(crafting seeds rotate), and takes a signed step with a Bernoulli coordinate mask (the paper's
-selection algorithm),
+(crafting seeds rotate; by default each step averages the metagradients of two of them,
+``MGDSettings.seeds_per_step``), and takes a signed step with a Bernoulli coordinate mask (the
+paper's selection algorithm),
 
 .. math:: w \leftarrow \Pi_{[0, \infty)}\big(w - \alpha\, \mathrm{sign}(\nabla_w \varphi) \odot m\big),
           \qquad m_i \sim \mathrm{Bernoulli}(p).
@@ -22,6 +23,13 @@ chosen on validation: each iterate's top-``k`` subset is trained once (crafting 
 and the one with the lowest validation loss is kept. Separately, **reweighting** trains on the
 whole pool with the weights of the iterate with the best weighted validation objective; that is
 not a selection (it keeps every example, with continuous weights) and is reported as such.
+Options: ``budget_aware`` (weights projected onto mean 1, each at most ``N/k``) and ``holdout``
+(the iterate chosen on a held-out part of the validation split), neither the default
+(``docs/select.md``).
+
+**Pools.** A built-in preset (``RunConfig`` and a :class:`CorruptedPool`) or a user's task
+(:class:`~mgd.apps.tasks.TaskRuns`: its run's training data is the pool; methods
+:data:`TASK_METHODS`). Every method is written once over :class:`SelectionContext`.
 
 **Baselines** (``protocols.md`` §7; every one returns a subset of exactly ``k`` examples):
 
@@ -63,7 +71,7 @@ Example:
     >>> pool = corrupt_pool(load_dataset("digits"), label_noise=0.15, off_distribution=0.1,
     ...                     duplicates=0.1, seed=0)
     >>> report = run_selection(RunConfig(steps=30, width=16), pool, budget=0.5,
-    ...                        methods=["random", "small-loss", "mgd"], meta_steps=2,
+    ...                        methods=["random", "small-loss", "mgd"], mgd=MGDSettings(meta_steps=2),
     ...                        crafting_seeds=[0, 1], eval_seeds=[100, 101])  # doctest: +SKIP
     >>> sorted(report["methods"])  # doctest: +SKIP
     ['mgd-reweighting', 'mgd-selection', 'random', 'small-loss']
