@@ -130,6 +130,14 @@ def _wall(folder: Path) -> float:
     return sum(json.loads(line)["seconds"] for line in path.read_text().splitlines() if line.strip())
 
 
+def _finished(cells, out: Path):
+    """``(cell, its folder, its report)`` for every cell that has finished."""
+    for cell in cells:
+        folder = out / cell.app / cell.name
+        if (folder / "report.json").is_file():
+            yield cell, folder, json.loads((folder / "report.json").read_text())
+
+
 def _pm(stat: dict, scale: float = 100.0, sign: bool = False) -> str:
     return f"{scale * stat['mean']:{'+' if sign else ''}.2f} ± {scale * stat['ci']:.2f}"
 
@@ -144,11 +152,7 @@ def _verdict(diff: dict) -> str:
 
 def select_rows(cells, out: Path) -> tuple[list[str], dict]:
     rows, verdicts = [], []
-    for cell in cells:
-        folder = out / cell.app / cell.name
-        if not (folder / "report.json").is_file():
-            continue
-        report = json.loads((folder / "report.json").read_text())
+    for cell, folder, report in _finished(cells, out):
         methods = report["methods"]
         mgd = methods["mgd-selection"]
         best = report["best_baseline_by_val"]
@@ -171,11 +175,7 @@ def select_rows(cells, out: Path) -> tuple[list[str], dict]:
 
 def poison_rows(cells, out: Path) -> tuple[list[str], dict]:
     rows, met = [], []
-    for cell in cells:
-        folder = out / cell.app / cell.name
-        if not (folder / "report.json").is_file():
-            continue
-        report = json.loads((folder / "report.json").read_text())
+    for cell, folder, report in _finished(cells, out):
         summary = report.get("poisoning") or poisoning_summary(report)
         drops = summary["drops"]
         ratio = summary.get("mgd_over_gradcancel", math.nan)
@@ -197,11 +197,7 @@ def poison_rows(cells, out: Path) -> tuple[list[str], dict]:
 
 def schedule_rows(cells, out: Path) -> tuple[list[str], dict]:
     rows, met = [], []
-    for cell in cells:
-        folder = out / cell.app / cell.name
-        if not (folder / "report.json").is_file():
-            continue
-        report = json.loads((folder / "report.json").read_text())
+    for cell, folder, report in _finished(cells, out):
         methods, bar = report["methods"], report.get("bar", {})
         poor = bar.get("mgd-poor", {})
         ok = bool(poor.get("within_grid_ci") and poor.get("fewer_runs_than_grid"))

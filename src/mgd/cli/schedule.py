@@ -107,24 +107,10 @@ def run(args: argparse.Namespace) -> int:
     args.batch_size = batch if args.batch_size is None else args.batch_size
     configure_torch(args)
     config = config_from_args(args)
-    app.check_options(config, methods=methods, starts=starts, meta_steps=args.meta_steps,
-                      crafting_seeds=args.crafting_seeds, eval_seeds=args.eval_seeds,
-                      selection_seeds=args.selection_seeds, select_by=args.select_by)
-    options = _options(args, methods, starts, shapes, args.peaks)
-    run_config = {"run": config.to_dict(), "schedule": options}
+    _check(args, config, methods, starts)  # before any data is loaded
     dataset = load_dataset(config.dataset)
-    run_dir = RunDirectory.open(args.out, args.resume, command="schedule", config=run_config)
-    totals = {"mgd": (args.meta_steps + 1) * len(starts), "evaluate": 0}
-    with progress_bars(totals, enabled=not args.quiet) as progress:
-        report = app.run_schedule_search(
-            config, dataset, methods=methods, meta_steps=args.meta_steps, starts=starts,
-            crafting_seeds=args.crafting_seeds, eval_seeds=args.eval_seeds,
-            selection_seeds=args.selection_seeds, meta_lr=args.meta_lr, select_by=args.select_by,
-            peaks=args.peaks, shapes=shapes, random_runs=args.random_runs, k=args.replay_k,
-            store=run_dir, progress=progress, eval_workers=args.eval_workers,
-        )
-    _write(args, run_dir, report, run_config, f"mgd schedule on {dataset.name} (T={config.steps}, "
-           f"{len(args.eval_seeds)} evaluation seeds)")
+    _search(args, config, dataset, {"run": config.to_dict()}, methods, starts, shapes, args.peaks,
+            name=dataset.name, steps=config.steps)
     return 0
 
 
@@ -136,25 +122,36 @@ def _run_task(args: argparse.Namespace, methods: list[str], shapes: list[str], s
     source = app.ScheduleSource(runs)
     defaults = app.task_defaults(source.lr)
     peaks = args.peaks if "peaks" in given_flags(args) else list(defaults["peaks"])
-    app.check_options(source, methods=methods, starts=starts, meta_steps=args.meta_steps,
+    _check(args, source, methods, starts)
+    _search(args, source, None, task_identity(args, runs), methods, starts, shapes, peaks,
+            name=args.task, steps=source.steps, start_lrs=defaults["start_lrs"], lr_bounds=defaults["lr_bounds"])
+    return 0
+
+
+def _check(args: argparse.Namespace, config, methods, starts) -> None:
+    app.check_options(config, methods=methods, starts=starts, meta_steps=args.meta_steps,
                       crafting_seeds=args.crafting_seeds, eval_seeds=args.eval_seeds,
                       selection_seeds=args.selection_seeds, select_by=args.select_by)
-    options = _options(args, methods, starts, shapes, peaks)
-    run_config = {**task_identity(args, runs), "schedule": options}
+
+
+def _search(args: argparse.Namespace, config, dataset, identity: dict, methods, starts, shapes, peaks, *,
+            name: str, steps: int, **absolute_lrs) -> None:
+    """Open the run directory, search, write the report: the same for a preset (``config`` and
+    ``dataset``) and a task (a ``ScheduleSource``, ``dataset=None``); ``absolute_lrs``: a
+    task's ``start_lrs`` and ``lr_bounds``."""
+    run_config = {**identity, "schedule": _options(args, methods, starts, shapes, peaks)}
     run_dir = RunDirectory.open(args.out, args.resume, command="schedule", config=run_config)
     totals = {"mgd": (args.meta_steps + 1) * len(starts), "evaluate": 0}
     with progress_bars(totals, enabled=not args.quiet) as progress:
         report = app.run_schedule_search(
-            source, None, methods=methods, meta_steps=args.meta_steps, starts=starts,
+            config, dataset, methods=methods, meta_steps=args.meta_steps, starts=starts,
             crafting_seeds=args.crafting_seeds, eval_seeds=args.eval_seeds,
             selection_seeds=args.selection_seeds, meta_lr=args.meta_lr, select_by=args.select_by,
             peaks=peaks, shapes=shapes, random_runs=args.random_runs, k=args.replay_k,
-            start_lrs=defaults["start_lrs"], lr_bounds=defaults["lr_bounds"],
-            store=run_dir, progress=progress, eval_workers=args.eval_workers,
+            store=run_dir, progress=progress, eval_workers=args.eval_workers, **absolute_lrs,
         )
-    _write(args, run_dir, report, run_config, f"mgd schedule on {args.task} (T={source.steps}, "
+    _write(args, run_dir, report, run_config, f"mgd schedule on {name} (T={steps}, "
            f"{len(args.eval_seeds)} evaluation seeds)")
-    return 0
 
 
 def _options(args: argparse.Namespace, methods, starts, shapes, peaks) -> dict:

@@ -333,18 +333,14 @@ def task_builder(args: argparse.Namespace, *, reseeded: bool, command: str) -> t
     return builder, {k: v for k, v in options.items() if builder.accepts(k)}
 
 
-def task_runs_from_args(args: argparse.Namespace, *, command: str, needs: str | None = None):
+def task_runs_from_args(args: argparse.Namespace, *, command: str):
     """``--task`` as an application uses it (:class:`mgd.apps.tasks.TaskRuns`), with the file's
-    absolute path so that evaluation workers can import it. ``needs``: a metaparameter kind
-    the run must have."""
+    absolute path so that evaluation workers can import it."""
     from mgd.apps.tasks import TaskRuns
 
     builder, options = task_builder(args, reseeded=True, command=command)
     spec = f"{os.path.abspath(builder.path)}:{builder.name}"
-    runs = TaskRuns(builder, {k: v for k, v in options.items() if k != "seed"}, spec=spec)
-    if needs is not None:
-        runs.require(needs, command)
-    return runs
+    return TaskRuns(builder, {k: v for k, v in options.items() if k != "seed"}, spec=spec)
 
 
 def task_identity(args: argparse.Namespace, runs) -> dict:
