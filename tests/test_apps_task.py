@@ -237,3 +237,26 @@ def test_poison_on_a_task_refuses_what_does_not_apply(tmp_path, capsys):
         assert main(["poison", "--task", spec, "--out", str(tmp_path / "x"), *TINY, *extra]) == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, err
+
+
+def test_per_example_grads_fall_back_to_a_loop_where_vmap_cannot_trace():
+    import mgd
+    from mgd.apps.tasks import per_example_grads
+
+    class Branchy(torch.nn.Module):  # data-dependent control flow: vmap refuses it
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.lin(x) * (2.0 if bool(x.sum() > 0) else 1.0)
+
+    torch.manual_seed(0)
+    x, y = torch.randn(10, 3, dtype=torch.float64), torch.randint(0, 2, (10,))
+    run = mgd.make_run(Branchy().double(), optimizer=mgd.SGD(), data=(x, y), steps=1, batch_size=5, lr=0.1)
+    state = run.init_state()
+    grads = per_example_grads(run, state.params, state.buffers, chunk=4)
+    for i in range(10):
+        p = state.params.detach().requires_grad_(True)
+        loss = torch.nn.functional.cross_entropy(run.predict(p, state.buffers, x[i : i + 1]), y[i : i + 1])
+        assert torch.allclose(grads[i], torch.autograd.grad(loss, p)[0], rtol=1e-12, atol=1e-14)

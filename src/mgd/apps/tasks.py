@@ -252,13 +252,17 @@ def per_example_grads(run: TrainingRun, params: Tensor, buffers: Tensor, data=No
         return loss(_outputs(run, p, buffers, batch), batch)[0]
 
     grad_one = torch.func.grad(one)
-    rows = []
+    rows, vmappable = [], True
     for start in range(0, len(data), chunk):
         index = torch.arange(start, min(start + chunk, len(data)))
         batch = data.batch(index)
-        try:
-            grads = torch.func.vmap(grad_one, in_dims=(None, 0))(params, batch)
-        except Exception:  # a model vmap cannot trace (data-dependent control flow): loop
+        grads = None
+        if vmappable:
+            try:
+                grads = torch.func.vmap(grad_one, in_dims=(None, 0))(params, batch)
+            except Exception:  # a model vmap cannot trace (data-dependent control flow): loop,
+                vmappable = False  # and do not try again on the next chunks
+        if grads is None:
             grads = torch.stack([grad_one(params, tree_map(lambda t: t[i], batch)) for i in range(len(index))])
         rows.append(grads if transform is None else transform(grads))
     return torch.cat(rows)
