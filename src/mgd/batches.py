@@ -31,7 +31,7 @@ from mgd.errors import UserError
 
 __all__ = [
     "Batch", "Field", "TensorData", "DatasetData", "as_data", "BatchOrder", "step_seed",
-    "tree_map", "tree_leaves", "get_field", "set_field", "default_collate",
+    "tree_map", "tree_leaves", "get_field", "set_field", "concat_batches", "default_collate",
 ]
 
 Batch = Any  # a tensor or a (nested) tuple / list / dict of tensors
@@ -58,6 +58,12 @@ def tree_leaves(batch: Batch) -> list[Tensor]:
     leaves: list[Tensor] = []
     tree_map(lambda t: leaves.append(t), batch)
     return leaves
+
+
+def concat_batches(first: Batch, second: Batch) -> Batch:
+    """The examples of ``first`` followed by those of ``second`` (same structure), leaf by leaf."""
+    rest = iter(tree_leaves(second))
+    return tree_map(lambda t: torch.cat([t, next(rest).to(t.device)]), first)
 
 
 def _path(field: Field) -> tuple:

@@ -343,6 +343,7 @@ def descend(
     k: int | None = None,
     horizon: int | None = None,
     seeds_per_step: int = 1,
+    gradient_from: Mapping[str, str] | None = None,
     state: DescentState | None = None,
     on_step: Callable[[MetaStep, DescentState], None] | None = None,
     diagnostics: Callable[[Mapping[str, Tensor]], dict] | None = None,
@@ -363,6 +364,10 @@ def descend(
         seeds_per_step: average the objective and the metagradient over this many
             consecutive crafting seeds at each meta-step (a lower-variance estimate of the
             expected metagradient, at that many times the cost; ``1``: one seed per step).
+        gradient_from: step ``z[name]`` along the metagradient of another metaparameter of
+            the run, ``{name: other}``, held at its value in ``fixed`` (e.g. MGD selection's
+            counts along :class:`~mgd.metaparams.PoolInjection`'s surrogate). Default: each
+            metaparameter along its own metagradient.
         maximize: ascend instead of descend (e.g. poisoning).
         k: REPLAY branching factor.
         horizon: truncate each metagradient to the last ``horizon`` steps (an ablation; see
@@ -384,6 +389,13 @@ def descend(
         raise UserError(f"seeds per meta-step must be between 1 and the {len(seeds)} crafting seeds, got {seeds_per_step}")
     projections = dict(projections or {})
     fixed = dict(fixed or {})
+    source = {name: name for name in z0}
+    for name, other in (gradient_from or {}).items():
+        if name not in z0:
+            raise UserError(f"gradient_from names {name!r}, which is not being optimised")
+        if other in z0:
+            raise UserError(f"{name!r} cannot follow the gradient of {other!r}, which is optimised itself")
+        source[name] = other
     for name, projection in projections.items():
         if name not in z0:
             raise UserError(f"projection given for {name!r}, which is not being optimised")
@@ -403,10 +415,12 @@ def descend(
             trainer, objective = make_trainer(seed)
             if i < steps:
                 result = metagradient(
-                    trainer, objective, {**fixed, **state.z}, wrt=list(state.z), k=k, horizon=horizon
+                    trainer, objective, {**fixed, **state.z}, wrt=list(dict.fromkeys(source.values())), k=k,
+                    horizon=horizon,
                 )
                 values.append(result.value)
-                for name, g in result.grads.items():
+                for name in state.z:
+                    g = result.grads[source[name]]
                     grads[name] = g if name not in grads else grads[name] + g
             else:  # the final iterate is only evaluated
                 final = trainer.run({**fixed, **state.z})

@@ -22,7 +22,9 @@ Built-in kinds, with :math:`\\eta_\\text{base}` the base learning rate:
   run, :math:`\\eta_t = \\eta_\\text{base} \\exp(\\sum_j w_j(t)\\,\\ell_j)` with hat weights ``w_j``
   (log space keeps ``η > 0`` without projection; all-zero knots leave the run unchanged);
 * ``data_weights``: one weight per training example, loss :math:`\\frac1B\\sum_{i\\in B_t} w_i\\,\\ell_i`;
-* ``weight_decay``: the scalar weight decay :math:`\\lambda` (default: the run's value).
+* ``weight_decay``: the scalar weight decay :math:`\\lambda` (default: the run's value);
+* ``pool_injection`` (:class:`PoolInjection`, built with its step): the paper's data-selection
+  surrogate, one weight per training example that adds the whole training set to one step.
 
 All kinds that a run declares act at once; ``lr`` and ``lr_knots`` multiply.
 """
@@ -36,7 +38,7 @@ from typing import Any, ClassVar, Iterable, Mapping, Union
 import torch
 from torch import Tensor
 
-from mgd.batches import Field, get_field, set_field
+from mgd.batches import Field, concat_batches, get_field, set_field
 from mgd.errors import UserError
 
 __all__ = [
@@ -50,6 +52,7 @@ __all__ = [
     "LRKnots",
     "DataWeights",
     "WeightDecay",
+    "PoolInjection",
     "METAPARAMS",
     "register_metaparam",
     "resolve_metaparams",
@@ -136,6 +139,10 @@ class MetaParam(ABC):
     @abstractmethod
     def apply(self, local: Tensor, inputs: StepInputs, step: int, run: RunInfo) -> StepInputs:
         """How the slice changes what the step consumes."""
+
+    def check_run(self, run: RunInfo) -> None:
+        """Raise :class:`~mgd.errors.UserError` if this kind cannot act on the run (called once,
+        when the run is built)."""
 
     def check(self, value: Tensor, run: RunInfo) -> None:
         """Reject values of the wrong shape or with NaN/inf (subclasses may add more)."""
@@ -275,6 +282,67 @@ class WeightDecay(Global):
 
     def apply(self, local: Tensor, inputs: StepInputs, step: int, run: RunInfo) -> StepInputs:
         return replace(inputs, weight_decay=local)
+
+
+class PoolInjection(MetaParam):
+    """``pool_injection``: the data-selection surrogate of the paper (``method.md`` §3.3, §6.1).
+
+    Step ``t_inj`` (:attr:`step`) gets an extra :math:`\\frac1B\\sum_{i=1}^{N} z_i\\,\\ell_i(\\theta)`
+    over *every* training example, the rest of the run is untouched, and ``z`` defaults to 0,
+    so at the default the run trains as before. Its metagradient at ``z = 0`` is
+
+    .. math:: \\bar z_i = \\tfrac1B\\, a_{t_\\text{inj}} \\cdot \\nabla_\\theta \\ell_i(\\theta_{t_\\text{inj}}),
+
+    with ``a`` the adjoint reaching step ``t_inj``'s gradient: how upweighting each example at
+    that one step would move the objective. Unlike ``data_weights`` it covers examples whose
+    weight is 0 (dropped ones can come back), and only the steps from ``t_inj`` on need a
+    reverse pass (differentiate with ``horizon = T - t_inj``).
+
+    The step appends the whole training set to its minibatch (after every other kind has
+    acted, before augmentation), so it costs one pass over the data at that step. At the
+    default the loss and gradient equal the plain step's up to summation order; BatchNorm in
+    train mode would see the appended examples, so :meth:`check_run` refuses such runs.
+    """
+
+    name = "pool_injection"
+    #: appended to the minibatch: applied after the kinds that change the minibatch's own rows
+    appends_examples = True
+
+    def __init__(self, step: int) -> None:
+        if not (isinstance(step, int) and step >= 0):
+            raise UserError(f"the injection step must be an integer >= 0, got {step!r}")
+        self.step = step
+
+    def shape(self, run: RunInfo) -> tuple[int, ...]:
+        return (run.num_train,)
+
+    def default(self, run: RunInfo) -> Tensor:
+        return self._full(run, 0.0)
+
+    def check_run(self, run: RunInfo) -> None:
+        if self.step >= run.steps:
+            raise UserError(f"the injection step {self.step} is past the run's last step {run.steps - 1}")
+
+    def local(self, value: Tensor, step: int, index: Tensor) -> Tensor:
+        return value if step == self.step else value[:0]
+
+    def accumulate(self, total: Tensor, local_grad: Tensor, step: int, index: Tensor) -> None:
+        if step == self.step:
+            total += local_grad
+
+    def apply(self, local: Tensor, inputs: StepInputs, step: int, run: RunInfo) -> StepInputs:
+        if step != self.step:
+            return inputs
+        pool = torch.arange(run.num_train, device=inputs.index.device)
+        own = (torch.ones(len(inputs.index), dtype=local.dtype, device=local.device)
+               if inputs.example_weights is None else inputs.example_weights)
+        return replace(
+            inputs,
+            index=torch.cat([inputs.index, pool]),
+            batch=concat_batches(inputs.batch, run.data.batch(pool)),
+            example_weights=torch.cat([own, local]),
+            batch_size=inputs.batch_size or len(inputs.index),  # the loss stays a mean over B
+        )
 
 
 METAPARAMS: dict[str, type[MetaParam]] = {}

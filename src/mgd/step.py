@@ -329,7 +329,10 @@ class TrainingRun:
         self._batch_order = batch_order
         self._arguments["data"] = self.data
         self.metaparams = resolve_metaparams(metaparams)
+        self._check_appending_kinds()
         self.info = RunInfo(self.steps, len(self.data), self.dtype, self.device, self.lr, self.weight_decay, self.data)
+        for mp in self.metaparams.values():
+            mp.check_run(self.info)
         if isinstance(self.data, DatasetData):
             self.data.check_stable(self.batch_indices(0)[:8].cpu())
 
@@ -356,6 +359,21 @@ class TrainingRun:
         if index.min() < 0 or index.max() >= len(self.data):
             raise UserError(f"subset indices must lie in [0, {len(self.data)})")
         return self.replaced(data=self.data.take(index), batch_size=min(self.batch_size, len(index)))
+
+    def _check_appending_kinds(self) -> None:
+        """A kind that appends examples to a step's minibatch (:class:`~mgd.metaparams.PoolInjection`)
+        leaves the run as it was only if each example's loss ignores the others in its batch."""
+        appending = [name for name, mp in self.metaparams.items() if getattr(mp, "appends_examples", False)]
+        if not appending:
+            return
+        if self.stateless.buffer_names:
+            raise UserError(
+                f"metaparameter {appending[0]!r} adds the training set to one step's batch, which "
+                "BatchNorm (or another module with buffers) in train mode would see; use "
+                "data_weights for this model instead"
+            )
+        if self.collective.world_size > 1:
+            raise UserError(f"metaparameter {appending[0]!r} cannot run data-parallel; run it on one process")
 
     def _validate(self) -> None:
         if self.steps < 1:
@@ -470,7 +488,8 @@ class TrainingRun:
             weight_decay=self.weight_decay,
             batch_size=self.batch_size,
         )
-        for name, mp in self.metaparams.items():
+        # kinds that append examples act last, so the others see only the minibatch's own rows
+        for name, mp in sorted(self.metaparams.items(), key=lambda item: getattr(item[1], "appends_examples", False)):
             inputs = mp.apply(local[name], inputs, step, self.info)
         if self.augment is not None:
             generator = torch.Generator(device=self.device)

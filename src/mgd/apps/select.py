@@ -108,6 +108,7 @@ from mgd.data import Dataset
 from mgd.descent import Box, DescentState, FixedTotal, SignedStep, descend, state_from_arrays, state_to_arrays
 from mgd.errors import UserError, check_choices
 from mgd.losses import Objective, labels_of
+from mgd.metaparams import PoolInjection
 from mgd.optim import Adam
 from mgd.step import TrainingRun
 
@@ -160,6 +161,8 @@ CORRUPTION_PRESETS = {
 }
 #: Codes of :attr:`CorruptedPool.kind`.
 KINDS = ("clean", "label-noise", "off-distribution", "duplicate")
+#: :attr:`MGDSettings.gradient`: what MGD selection descends along.
+GRADIENTS = ("full", "surrogate")
 _EARLY_FRACTIONS = (0.1, 0.2, 0.3)
 _DAMPINGS = (0.01, 0.1, 1.0)
 
@@ -811,12 +814,23 @@ class MGDSettings:
     #: fraction of the validation split held out from the metagradient and used only to
     #: choose the iterate (0: the whole split serves both)
     holdout: float = 0.0
+    #: the descent direction: ``"full"``, the metagradient of the weights through every step;
+    #: ``"surrogate"``, the paper's one-step surrogate (:class:`~mgd.metaparams.PoolInjection`
+    #: at step ``round(inject_at · T)``, which also scores examples whose weight is 0)
+    gradient: str = "full"
+    inject_at: float = 0.9
+
+    def __post_init__(self) -> None:
+        if self.gradient not in GRADIENTS:
+            raise UserError(f"unknown MGD selection gradient {self.gradient!r}; choose one of {', '.join(GRADIENTS)}")
+        if not 0.0 <= self.inject_at < 1.0:
+            raise UserError(f"the injection step must be a fraction of training in [0, 1), got {self.inject_at}")
 
     def to_dict(self) -> dict:
         return {"meta_steps": self.meta_steps, "step_size": self.step_size, "mask_prob": self.mask_prob,
                 "replay_k": self.replay_k, "seeds_per_step": self.seeds_per_step,
                 "subset_seeds": self.subset_seeds, "budget_aware": self.budget_aware,
-                "holdout": self.holdout}
+                "holdout": self.holdout, "gradient": self.gradient, "inject_at": self.inject_at}
 
 
 def _weight_by_kind(ctx: SelectionContext, w: np.ndarray) -> dict:
@@ -855,6 +869,16 @@ def _objective_on(objective, indices: np.ndarray):
     val = objective_parts(objective, "a validation hold-out")
     return Objective(val.model, val.data.take(torch.as_tensor(indices)), loss=val.loss,
                      batch_size=min(val.batch_size, len(indices)), inputs=val.inputs)
+
+
+def _with_injection(make: Callable[[int], tuple[TrainingRun, Callable]], step: int):
+    """``make`` with :class:`~mgd.metaparams.PoolInjection` at ``step`` added to each run."""
+
+    def injected(seed: int):
+        run, objective = make(seed)
+        return run.replaced(metaparams=[*run.metaparams.values(), PoolInjection(step)]), objective
+
+    return injected
 
 
 def mgd_select(
@@ -900,6 +924,13 @@ def mgd_select(
             with torch.no_grad():
                 held = _objective_on(objective, held_part)(run.named_tensors(final.params, final.buffers))
             return {"val_loss": float(held)}
+    gradient_from, horizon = None, None
+    if settings.gradient == "surrogate":
+        # The paper's surrogate: at z = 0 the injection leaves every run as it was, and its
+        # metagradient scores all N examples at one late step, only that step onward replayed.
+        t_inj = min(base.steps - 1, int(round(settings.inject_at * base.steps)))
+        gradient_from, horizon = {"data_weights": PoolInjection.name}, base.steps - t_inj
+        make = _with_injection(make, t_inj)
     iterates: list[np.ndarray] = []
     history: list[dict] = []
     state = None
@@ -934,7 +965,7 @@ def mgd_select(
                   else Box(0.0, None))
     state = descend(make, z0, optimizer=optimizer, projections={"data_weights": projection},
                     steps=settings.meta_steps, seeds=seeds, k=settings.replay_k, seeds_per_step=settings.seeds_per_step,
-                    state=state, on_step=on_step, progress=progress)
+                    gradient_from=gradient_from, horizon=horizon, state=state, on_step=on_step, progress=progress)
     mgd_seconds = time.perf_counter() - started
 
     # Choose the iterate for selection on validation: train each iterate's top-k subset.

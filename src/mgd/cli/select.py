@@ -11,6 +11,7 @@ import argparse
 from mgd.apps.protocol import Candidate, load_candidate, save_candidate, write_report
 from mgd.apps.select import (
     CORRUPTION_PRESETS,
+    GRADIENTS,
     KINDS,
     METHODS,
     MGDSettings,
@@ -101,6 +102,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--holdout", type=float, default=MGDSettings().holdout, metavar="FRACTION",
                    help="MGD: hold this fraction of the validation split out of the metagradient and "
                         "choose the iterate on it only (default: %(default)s, the whole split serves both)")
+    m.add_argument("--mgd-gradient", choices=GRADIENTS, default=MGDSettings().gradient,
+                   help="MGD: descend along the weights' metagradient through every step (full) or "
+                        "the paper's one-step surrogate, which injects the whole pool at one late step "
+                        "(surrogate; models without BatchNorm) (default: %(default)s)")
+    m.add_argument("--inject-at", type=float, default=MGDSettings().inject_at, metavar="FRACTION",
+                   help="MGD surrogate: the injection step as a fraction of training (default: %(default)s)")
     m.add_argument("--budget-aware", action="store_true",
                    help="MGD: keep the weights on the budget at every meta-step (mean 1, each at most "
                         "N/k), so that metagradients are taken near the subsets the top-k becomes")
@@ -149,7 +156,8 @@ def run(args: argparse.Namespace) -> int:
                         "--crafting-seeds; give more crafting seeds or average fewer")
     settings = MGDSettings(args.meta_steps, args.meta_lr, args.mask_prob, args.replay_k,
                            seeds_per_step=args.seeds_per_step, subset_seeds=args.subset_seeds,
-                           budget_aware=args.budget_aware, holdout=args.holdout)
+                           budget_aware=args.budget_aware, holdout=args.holdout,
+                           gradient=args.mgd_gradient, inject_at=args.inject_at)
     if args.task:
         return _run_task(args, methods, settings)
     rates = _rates(args)
