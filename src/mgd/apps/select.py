@@ -23,9 +23,10 @@ chosen on validation: each iterate's top-``k`` subset is trained once (crafting 
 and the one with the lowest validation loss is kept. Separately, **reweighting** trains on the
 whole pool with the weights of the iterate with the best weighted validation objective; that is
 not a selection (it keeps every example, with continuous weights) and is reported as such.
-Options: ``budget_aware`` (weights projected onto mean 1, each at most ``N/k``) and ``holdout``
-(the iterate chosen on a held-out part of the validation split), neither the default
-(``docs/select.md``).
+Options: ``budget_aware`` (weights projected onto mean 1, each at most ``N/k``), ``holdout``
+(the iterate chosen on a held-out part of the validation split) and ``gradient="surrogate"``
+(the paper's descent direction: the whole pool injected at weight 0 into one late step,
+:class:`~mgd.metaparams.PoolInjection`), none the default (``docs/select.md`` measures them).
 
 **Pools.** A built-in preset (``RunConfig`` and a :class:`CorruptedPool`) or a user's task
 (:class:`~mgd.apps.tasks.TaskRuns`: its run's training data is the pool; methods
