@@ -54,12 +54,13 @@ import functools
 import math
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Iterator, Mapping, Sequence, Union
 
 import torch
 from torch import Tensor
 
+from mgd.checkpoints import CheckpointStore
 from mgd.distributed import check_replicated
 from mgd.errors import ReplayDivergedError, UserError
 from mgd.memory import default_memory_budget, format_bytes, step_graph_bytes
@@ -68,6 +69,7 @@ from mgd.step_vjp import StepVJP, VJPResult, double_backward_vjp, mixed_mode_vjp
 
 __all__ = [
     "ReplayPlan",
+    "make_plan",
     "Forward",
     "Replay",
     "VJP",
@@ -221,6 +223,16 @@ def schedule(steps: int, k: int, root: Sequence[int] | None = None) -> Iterator[
     yield Free(0)
 
 
+def _pareto(pairs: set[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+    """The Pareto-maximal ``(checkpoints, graphs)`` pairs (the peak for any sizes is among them)."""
+    frontier, most_graphs = [], -1
+    for c, g in sorted(pairs, reverse=True):  # by checkpoints, descending
+        if g > most_graphs:  # not dominated by a pair with at least as many checkpoints
+            frontier.append((c, g))
+            most_graphs = g
+    return tuple(sorted(frontier))
+
+
 @dataclass(frozen=True)
 class ReplayPlan:
     """What a REPLAY reverse pass will do, counted by walking :func:`schedule`.
@@ -252,6 +264,14 @@ class ReplayPlan:
     max_live_graphs: int = 0
     frontier: tuple[tuple[int, int], ...] = ((1, 0),)
     root: tuple[int, ...] | None = None
+    #: like ``frontier``, counting only the checkpoints that replays store (the forward pass's
+    #: are the ones an offloading plan keeps off the device)
+    replay_frontier: tuple[tuple[int, int], ...] = ((0, 0),)
+    #: the checkpoints the forward pass stores, ``s_0`` included (what tiers may offload)
+    forward_store: tuple[int, ...] = (0,)
+    #: ``(step, "host" | "disk")`` for the checkpoints this plan keeps off the device
+    #: (:meth:`choose` with ``host_budget`` / ``disk_budget``); empty: all on the device
+    placement: tuple[tuple[int, str], ...] = ()
 
     @classmethod
     def build(
@@ -265,12 +285,15 @@ class ReplayPlan:
     @classmethod
     @functools.lru_cache(maxsize=64)
     def _build(cls, steps: int, k: int, fused: bool, root: tuple[int, ...] | None) -> "ReplayPlan":
-        live, graphs, replayed = 0, 0, 0
+        live, graphs, replayed, replayed_live = 0, 0, 0, 0
         with_graph: set[int] = set()
         pairs: set[tuple[int, int]] = set()
+        replay_pairs: set[tuple[int, int]] = set()
+        forward_store: set[int] = {0}
         for op in schedule(steps, k, root):
             if isinstance(op, Forward):
                 live = 1 + len(op.store)
+                forward_store.update(op.store)
             elif isinstance(op, Replay):
                 # A fused leaf replay also linearizes its last step (NOTE [leaf replays]).
                 stop = op.stop + 1 if fused and op.leaf else op.stop
@@ -282,36 +305,62 @@ class ReplayPlan:
                         graphs += 1
                     if t + 1 in store:
                         live += 1
+                        replayed_live += 1
                     pairs.add((live, graphs))
+                    replay_pairs.add((replayed_live, graphs))
             elif isinstance(op, VJP):
                 if op.step in with_graph:
                     with_graph.discard(op.step)
                     graphs -= 1
             elif isinstance(op, Free):
                 live -= 1
+                replayed_live -= op.step not in forward_store
             pairs.add((live, graphs))
-        frontier, most_graphs = [], -1
-        for c, g in sorted(pairs, reverse=True):  # by checkpoints, descending
-            if g > most_graphs:  # not dominated by a pair with at least as many checkpoints
-                frontier.append((c, g))
-                most_graphs = g
-        frontier = tuple(sorted(frontier))
+            replay_pairs.add((replayed_live, graphs))
+        frontier = _pareto(pairs)
         depth = 0 if steps == 1 else 2 if root is not None else 0
         while root is None and k**depth < steps:
             depth += 1
         return cls(
             steps, k, depth, max(c for c, _ in pairs), steps, replayed, replayed / steps,
-            fused, max(g for _, g in pairs), frontier, root,
+            fused, max(g for _, g in pairs), frontier, root, _pareto(replay_pairs), tuple(sorted(forward_store)),
         )
 
     def peak_bytes(self, state_bytes: int, graph_bytes: int = 0) -> int:
-        """Peak of stored states and kept graphs, plus the adjoint and the final state.
+        """Peak *device* bytes of stored states and kept graphs, plus the adjoint and the final
+        state.
 
-        The working set of the step being computed (activations, one transient graph) comes
-        on top.
+        With a :attr:`placement` the forward pass's checkpoints live off the device, and the
+        device holds the replays' states and graphs, the segment's start and the next one
+        being prefetched. The working set of the step being computed (activations, one
+        transient graph) comes on top.
         """
-        held = max(c * state_bytes + g * graph_bytes for c, g in self.frontier)
+        if self.placement:
+            held = max(c * state_bytes + g * graph_bytes for c, g in self.replay_frontier) + 2 * state_bytes
+        else:
+            held = max(c * state_bytes + g * graph_bytes for c, g in self.frontier)
         return held + 2 * state_bytes
+
+    def tier_bytes(self, state_bytes: int, graph_bytes: int = 0) -> dict[str, int]:
+        """Peak bytes per tier: ``device`` (:meth:`peak_bytes`), ``host`` and ``disk`` (the
+        offloaded checkpoints; every disk byte is written once and read once)."""
+        counts = {"host": 0, "disk": 0}
+        for _, tier in self.placement:
+            counts[tier] += 1
+        return {"device": self.peak_bytes(state_bytes, graph_bytes),
+                **{tier: n * state_bytes for tier, n in counts.items()}}
+
+    def offloaded(self, state_bytes: int, host_budget: int | None, disk_budget: int | None) -> "ReplayPlan | None":
+        """This plan with the forward pass's checkpoints moved off the device: host memory
+        first (the ones the reverse pass reads first, i.e. the latest), then disk; ``None``
+        if they do not fit in the two budgets."""
+        host = 0 if host_budget is None else host_budget // max(state_bytes, 1)
+        disk = 0 if disk_budget is None else disk_budget // max(state_bytes, 1)
+        steps = sorted(self.forward_store, reverse=True)
+        if len(steps) > host + disk:
+            return None
+        placement = tuple((t, "host" if i < host else "disk") for i, t in enumerate(steps))
+        return replace(self, placement=placement)
 
     @classmethod
     def choose(
@@ -323,8 +372,11 @@ class ReplayPlan:
         *,
         fused: bool = True,
         cap: int | None = None,
+        host_budget: int | None = None,
+        disk_budget: int | None = None,
     ) -> "ReplayPlan":
-        """The plan for a memory budget (``--memory-budget``).
+        """The plan for a device memory budget (``--memory-budget``) and, optionally, budgets for
+        checkpoints in host memory and on disk (``--host-budget``, ``--disk-budget``).
 
         * ``budget`` given: the fastest plan whose :meth:`peak_bytes` fits in it: every state
           stored if that fits; else a two-level tree (one extra training run), the one with
@@ -333,19 +385,26 @@ class ReplayPlan:
           ``~ 2√(T·S·G)`` with fused graphs, ``~ 2√T·S`` without): one extra run for
           ``O(√T)`` memory; deeper only if that does not fit in ``cap`` (default: half the
           available RAM).
+        * With host or disk budgets, when the lean two-level tree does not fit on the device,
+          the forward pass's checkpoints move off it (:meth:`offloaded`) before the tree gets
+          deeper, in this order: every state offloaded (no replay), then a two-level tree with
+          the fewest root segments whose replays fit on the device, first in host memory alone,
+          then with disk; deeper trees (in memory, then offloaded) only after that.
 
         Raises:
             UserError: not even the deepest tree (``k = 2``) fits.
         """
-        if steps <= 2:
+        tiers = host_budget is not None or disk_budget is not None
+        if steps <= 2 and not tiers:
             return cls.build(steps, steps)
         root = default_k(steps)
         # Two levels hold about k·S + (T/k)·(S + G) at the peak: least near k* = √(T(S+G)/S).
         best = math.sqrt(steps * (state_bytes + (graph_bytes if fused else 0)) / max(state_bytes, 1))
         grid = sorted({min(steps - 1, max(root, int(round(best * f)))) for f in (0.8, 0.9, 1.0, 1.12, 1.25)})
-        two_level = [cls.build(steps, k, fused=fused) for k in grid]
-        tapered = tapered_root(steps, state_bytes, graph_bytes if fused else 0)
-        two_level.append(cls.build(steps, fused=fused, root=tapered))
+        two_level = [cls.build(steps, k, fused=fused) for k in grid if k >= 2]
+        if steps > 2:
+            tapered = tapered_root(steps, state_bytes, graph_bytes if fused else 0)
+            two_level.append(cls.build(steps, fused=fused, root=tapered))
         lean = min(two_level, key=lambda plan: (plan.peak_bytes(state_bytes, graph_bytes), -plan.k))
         if budget is None:
             if cap is None or lean.peak_bytes(state_bytes, graph_bytes) <= cap:
@@ -355,29 +414,93 @@ class ReplayPlan:
             return cls.build(steps, steps)
         if lean.peak_bytes(state_bytes, graph_bytes) <= budget:
             return lean
+        if tiers:
+            for host_only in (True, False):
+                plan = cls._offloaded_two_level(steps, state_bytes, graph_bytes, budget, fused,
+                                                host_budget, None if host_only else disk_budget)
+                if plan is not None:
+                    return plan
+        deeper = []
         k = root - 1
         while k >= 2:  # deeper trees: less memory, one more replay per level
-            plan = cls.build(steps, k, fused=fused)
+            deeper.append(cls.build(steps, k, fused=fused))
+            k = min(k - 1, int(k / 1.25))
+        for plan in deeper:
             if plan.peak_bytes(state_bytes, graph_bytes) <= budget:
                 return plan
-            k = min(k - 1, int(k / 1.25))
+        if tiers:
+            for plan in deeper:
+                moved = plan.offloaded(state_bytes, host_budget, disk_budget)
+                if moved is not None and moved.peak_bytes(state_bytes, graph_bytes) <= budget:
+                    return moved
         if fused and graph_bytes:
-            return cls.choose(steps, state_bytes, 0, budget, fused=False)
+            return cls.choose(steps, state_bytes, 0, budget, fused=False, host_budget=host_budget,
+                              disk_budget=disk_budget)
         smallest = cls.build(steps, 2)
         raise UserError(
             f"the memory budget {format_bytes(budget)} is too small for {steps} steps: even the "
             f"deepest replay tree (k=2, {smallest.depth} levels) keeps "
             f"{format_bytes(smallest.peak_bytes(state_bytes))} of states ({format_bytes(state_bytes)} "
-            "each); raise --memory-budget or shorten the run"
+            "each); raise --memory-budget, give checkpoints room with --host-budget or --disk-budget, "
+            "or shorten the run"
         )
+
+    @classmethod
+    def _offloaded_two_level(cls, steps, state_bytes, graph_bytes, budget, fused, host_budget, disk_budget):
+        """The offloaded plan with no replay if it fits, else the two-level tree with the fewest
+        root segments (fewest offloaded bytes) whose replays fit in ``budget``; ``None`` if none."""
+        everything = cls.build(steps, steps).offloaded(state_bytes, host_budget, disk_budget)
+        if everything is not None and everything.peak_bytes(state_bytes, graph_bytes) <= budget:
+            return everything
+
+        def with_segments(m: int) -> "ReplayPlan":
+            return cls.build(steps, fused=fused, root=tuple(_split(0, steps, m)))
+
+        def fits(m: int) -> bool:
+            return replace(with_segments(m), placement=((0, "host"),)).peak_bytes(state_bytes, graph_bytes) <= budget
+
+        if steps < 2 or not fits(steps):
+            return None
+        low, high = 2, steps  # the device peak falls as segments get shorter: bisect
+        while low < high:
+            mid = (low + high) // 2
+            low, high = (low, mid) if fits(mid) else (mid + 1, high)
+        return with_segments(low).offloaded(state_bytes, host_budget, disk_budget)
 
     def to_dict(self) -> dict:
         data = asdict(self)
         data["frontier"] = [list(pair) for pair in self.frontier]
+        data["replay_frontier"] = [list(pair) for pair in self.replay_frontier]
+        del data["forward_store"]
+        data["placement"] = {tier: sum(1 for _, where in self.placement if where == tier) for tier in ("host", "disk")}
         data["tapered"] = self.root is not None
         if self.root is not None:  # the segment lengths, first and last, not every boundary
             data["root"] = {"segments": len(self.root) - 1, "first": self.root[1], "last": self.root[-1] - self.root[-2]}
         return data
+
+
+def make_plan(steps: int, state_bytes: int, graph_bytes: int = 0, *, k: int | None = None, fused: bool = True,
+              memory_budget: int | None = None, host_budget: int | None = None,
+              disk_budget: int | None = None) -> ReplayPlan:
+    """The plan :func:`metagradient` runs (and ``mgd estimate`` prints) for these settings.
+
+    ``k`` given (``k >= T``: store every state): that tree, its forward checkpoints moved off
+    the device when a host or disk budget is given. Otherwise :meth:`ReplayPlan.choose`.
+    """
+    if k is None:
+        return ReplayPlan.choose(steps, state_bytes, graph_bytes, memory_budget, fused=fused,
+                                 cap=default_memory_budget(), host_budget=host_budget, disk_budget=disk_budget)
+    plan = ReplayPlan.build(steps, k, fused=fused)
+    if host_budget is None and disk_budget is None:
+        return plan
+    offloaded = plan.offloaded(state_bytes, host_budget, disk_budget)
+    if offloaded is None:
+        raise UserError(
+            f"the {len(plan.forward_store)} checkpoints of the forward pass "
+            f"({format_bytes(len(plan.forward_store) * state_bytes)}) do not fit in the host and disk "
+            "budgets; raise --host-budget / --disk-budget or choose a larger --replay-k"
+        )
+    return offloaded
 
 
 # --------------------------------------------------------------------------------- engine
@@ -484,6 +607,10 @@ def metagradient(
     vjp: str | StepVJP = "fused",
     horizon: int | None = None,
     memory_budget: int | None = None,
+    host_budget: int | None = None,
+    disk_budget: int | None = None,
+    checkpoint_dir: str | None = None,
+    keep_checkpoints: bool = False,
     trace: ReplayTrace | None = None,
     progress: Callable[[str, int], None] | None = None,
 ) -> MetaGradient:
@@ -513,6 +640,12 @@ def metagradient(
         horizon: differentiate only through the last ``horizon`` steps (truncated
             backpropagation: a cheaper, *biased* metagradient that ignores how earlier steps
             shape the end of training; the truncated-unroll baseline). Default: all steps.
+        host_budget, disk_budget: bytes of checkpoints the plan may keep in host memory and
+            on disk when ``memory_budget`` is too small for the lean tree
+            (:meth:`ReplayPlan.choose`; :mod:`mgd.checkpoints`). ``None``: that tier is not used.
+        checkpoint_dir: where the disk tier makes its private directory (default: the
+            system's temporary directory); it is removed when the pass ends, unless
+            ``keep_checkpoints``.
         trace: optional :class:`ReplayTrace` to record events and live checkpoints.
         progress: optional callback ``(phase, steps_done)`` for progress bars.
 
@@ -544,10 +677,14 @@ def metagradient(
             f"(it has {', '.join(values) or 'none'})"
         )
     with math_attention():
-        return _metagradient(run, objective, values, wrt, mode, k, vjp, horizon, memory_budget, trace, progress)
+        storage = {"host_budget": host_budget, "disk_budget": disk_budget, "directory": checkpoint_dir,
+                   "keep": keep_checkpoints}
+        return _metagradient(run, objective, values, wrt, mode, k, vjp, horizon, memory_budget, storage, trace,
+                             progress)
 
 
-def _metagradient(run, objective, values, wrt, mode, k, vjp, horizon, memory_budget, trace, progress) -> MetaGradient:
+def _metagradient(run, objective, values, wrt, mode, k, vjp, horizon, memory_budget, storage, trace,
+                  progress) -> MetaGradient:
     fused = vjp == "fused"
     mixed = vjp == "mixed"
     step_vjp: StepVJP = double_backward_vjp if isinstance(vjp, str) else vjp
@@ -557,19 +694,27 @@ def _metagradient(run, objective, values, wrt, mode, k, vjp, horizon, memory_bud
     s0 = run.init_state()
     state_bytes = s0.nbytes()
     graph_bytes = 0
-    if mode == "unrolled":
-        plan = ReplayPlan.build(T, T)
-    elif k is not None:
-        plan = ReplayPlan.build(T, k, fused=fused)
-    else:
-        if fused:
-            graph_bytes = step_graph_bytes(run, s0, run.local_meta(values, 0), wrt)
-        plan = ReplayPlan.choose(
-            T, state_bytes, graph_bytes, memory_budget, fused=fused, cap=default_memory_budget()
-        )
+    if mode != "unrolled" and k is None and fused:
+        graph_bytes = step_graph_bytes(run, s0, run.local_meta(values, 0), wrt)
+    plan = make_plan(T, state_bytes, graph_bytes, k=T if mode == "unrolled" else k, fused=fused,
+                     memory_budget=memory_budget, host_budget=storage["host_budget"],
+                     disk_budget=storage["disk_budget"])
     fused = fused and plan.fused
+    checkpoints = CheckpointStore(dict(plan.placement), device=run.device, directory=storage["directory"],
+                                  keep=storage["keep"])
+    try:
+        checkpoints.check_free_space(plan.tier_bytes(state_bytes)["disk"])
+        return _passes(run, objective, values, wrt, plan, checkpoints, s0, state_bytes, graph_bytes, fused, mixed,
+                       step_vjp, vjp, first_step, memory_budget, trace, progress)
+    finally:
+        checkpoints.close()
+
+
+def _passes(run, objective, values, wrt, plan, checkpoints, s0, state_bytes, graph_bytes, fused, mixed, step_vjp,
+            vjp, first_step, memory_budget, trace, progress) -> MetaGradient:
+    """The forward and reverse passes of :func:`metagradient` over ``checkpoints``."""
+    T = run.steps
     used_vjp = vjp if isinstance(vjp, str) else "custom"
-    checkpoints: dict[int, TrainState] = {}
     device = run.device
     forward_fp = torch.zeros(T + 1, len(s0.tensors()), dtype=torch.int64, device=device)
     loss_fp = torch.zeros(T, dtype=torch.int64, device=device)
@@ -740,6 +885,8 @@ def _metagradient(run, objective, values, wrt, mode, k, vjp, horizon, memory_bud
             "graph_bytes": graph_bytes,
             "budget_bytes": memory_budget,
             "planned_peak_bytes": plan.peak_bytes(state_bytes, graph_bytes),
+            "planned_tier_bytes": plan.tier_bytes(state_bytes, graph_bytes),
+            "checkpoint_io": {key: value for key, value in checkpoints.stats.items()},
         },
         vjp=used_vjp,
     )

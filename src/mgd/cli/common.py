@@ -190,7 +190,8 @@ def memory_size(text: str) -> int:
 
 
 def add_plan_flags(parser) -> None:
-    """``--replay-k``, ``--memory-budget`` and ``--vjp``: how the reverse pass is planned."""
+    """``--replay-k``, ``--memory-budget``, the checkpoint tiers and ``--vjp``: how the reverse
+    pass is planned and where it keeps its checkpoints."""
     from mgd.replay import VJP_MODES
 
     add_replay_k_flag(parser)
@@ -198,6 +199,18 @@ def add_plan_flags(parser) -> None:
                         help="memory the reverse pass may keep (states and kept graphs), e.g. 500MB: "
                              "the fastest plan that fits (every state stored if it fits). Default: the "
                              "lean two-level tree (one extra training run), capped at half the available RAM")
+    parser.add_argument("--host-budget", type=memory_size, metavar="SIZE",
+                        help="host memory for checkpoints when --memory-budget is too small for the lean "
+                             "tree: the forward pass's checkpoints move there (pinned on a GPU) before "
+                             "the tree gets deeper (default: not used)")
+    parser.add_argument("--disk-budget", type=memory_size, metavar="SIZE",
+                        help="disk space for checkpoints beyond --host-budget, written in the background "
+                             "and prefetched (default: not used)")
+    parser.add_argument("--checkpoint-dir", metavar="DIR",
+                        help="where the disk tier makes its private folder, removed at the end "
+                             "(default: the system's temporary directory)")
+    parser.add_argument("--keep-checkpoints", action="store_true",
+                        help="keep the disk tier's folder (raw tensors and layout.json) after the pass")
     parser.add_argument("--vjp", choices=VJP_MODES, default="fused",
                         help="per-step VJP: fused (double-backward on the graph the replay kept; "
                              "fastest on CPU), double-backward (recompute each step), mixed "

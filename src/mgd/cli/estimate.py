@@ -8,7 +8,7 @@ import json
 from mgd.cli.common import add_plan_flags, add_run_flags, config_from_args, configure_torch
 from mgd.config import build_problem
 from mgd.memory import default_memory_budget, step_graph_bytes
-from mgd.replay import ReplayPlan
+from mgd.replay import ReplayPlan, make_plan
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -37,11 +37,9 @@ def run(args: argparse.Namespace) -> int:
     graph_bytes = step_graph_bytes(trainer, state, trainer.local_meta(trainer.default_meta(), 0), wrt)
     cap = default_memory_budget()
     T = config.steps
-    if args.replay_k is not None:
-        chosen = ReplayPlan.build(T, args.replay_k, fused=fused)
-    else:
-        chosen = ReplayPlan.choose(T, state_bytes, graph_bytes if fused else 0, args.memory_budget,
-                                   fused=fused, cap=cap)
+    chosen = make_plan(T, state_bytes, graph_bytes if fused and args.replay_k is None else 0, k=args.replay_k,
+                       fused=fused, memory_budget=args.memory_budget, host_budget=args.host_budget,
+                       disk_budget=args.disk_budget)
     rows = {
         "plan": chosen,
         "lean": ReplayPlan.choose(T, state_bytes, graph_bytes, fused=True, cap=cap),
@@ -58,7 +56,9 @@ def run(args: argparse.Namespace) -> int:
         "memory_budget_bytes": args.memory_budget,
         "available_ram_cap_bytes": cap,
         "vjp": args.vjp,
-        **{name: {**plan.to_dict(), "memory_mb": memory_mb(plan)} for name, plan in rows.items()},
+        **{name: {**plan.to_dict(), "memory_mb": memory_mb(plan),
+                  "tier_bytes": plan.tier_bytes(state_bytes, graph_bytes if plan.fused else 0)}
+           for name, plan in rows.items()},
     }
     if args.json:
         print(json.dumps(report, indent=2))
@@ -75,6 +75,11 @@ def run(args: argparse.Namespace) -> int:
             f"{name:<10}{plan.k:>7}{plan.depth:>7}{plan.max_live_checkpoints:>13}{plan.max_live_graphs:>8}"
             f"{plan.replayed_steps:>16}{plan.extra_passes:>14.2f}{memory_mb(plan):>11.1f}"
         )
-    print("memory = peak of (checkpoints x state + kept graphs x graph) + adjoint + final state; "
+    tiers = rows["plan"].tier_bytes(state_bytes, graph_bytes if rows["plan"].fused else 0)
+    if rows["plan"].placement:
+        print(f"plan's checkpoints by tier: device {tiers['device'] / 2**20:.1f} MB at the peak, host "
+              f"{tiers['host'] / 2**20:.1f} MB, disk {tiers['disk'] / 2**20:.1f} MB (written once and read "
+              f"once: {2 * tiers['disk'] / 2**20:.1f} MB of I/O)")
+    print("memory = device peak of (checkpoints x state + kept graphs x graph) + adjoint + final state; "
           "the working set of one step comes on top")
     return 0

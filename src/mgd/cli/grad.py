@@ -60,7 +60,9 @@ def run(args: argparse.Namespace) -> int:
         with peak_memory() as memory:
             result = metagradient(
                 subject.run, subject.objective, subject.meta, wrt=wrt, mode=args.mode,
-                k=args.replay_k, memory_budget=args.memory_budget, vjp=args.vjp, progress=progress,
+                k=args.replay_k, memory_budget=args.memory_budget, host_budget=args.host_budget,
+                disk_budget=args.disk_budget, checkpoint_dir=args.checkpoint_dir,
+                keep_checkpoints=args.keep_checkpoints, vjp=args.vjp, progress=progress,
             )
         seconds = time.perf_counter() - started
     grads = {name: g.detach().cpu().double().numpy() for name, g in result.grads.items()}

@@ -1,0 +1,367 @@
+"""Where REPLAY keeps its checkpoints: device memory, then host memory, then disk.
+
+A :class:`CheckpointStore` is what :func:`mgd.replay.metagradient` stores states in: a
+mapping ``step -> TrainState`` whose entries live in one of three tiers, fixed per step by the
+plan (:class:`TierPlan`, made by :meth:`mgd.replay.ReplayPlan.choose`):
+
+* ``device``: the tensors themselves, where training runs;
+* ``host``: a copy in CPU memory (pinned when the run is on a GPU). On a CPU run the device
+  *is* host memory, so the state is kept as it is and only counted as host bytes;
+* ``disk``: one raw file per state in a private directory, written by a background thread so
+  that training does not wait. Files hold each tensor's bytes, padded to 64-byte boundaries,
+  in the order of :meth:`~mgd.step.TrainState.tensors`, and ``layout.json`` says how to read
+  them: raw bytes, never pickle.
+
+Only long-lived checkpoints are moved off the device: the plan offloads the states the forward
+pass stores (the root of the replay tree), which the reverse pass reads once each, in
+descending step order. So whenever one of them is read, the next one down is prefetched in
+the background (copied to the device from host memory, or read from disk), and the replay of
+a segment does not wait for the next segment's start.
+
+Failure is loud and clean: a write that fails (full disk, unwritable directory) leaves no
+partial file (each file is written under a temporary name and renamed), and the next access
+raises :class:`~mgd.errors.UserError` naming the directory and the fix. :meth:`close` removes
+the directory unless asked to keep it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Mapping, MutableMapping
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from mgd.errors import UserError
+from mgd.memory import format_bytes
+from mgd.step import TrainState
+
+__all__ = ["TIERS", "TierPlan", "CheckpointStore"]
+
+#: Checkpoint tiers, fastest first.
+TIERS = ("device", "host", "disk")
+_ALIGN = 64
+
+
+@dataclass(frozen=True)
+class TierPlan:
+    """Which checkpoints leave the device, and how many bytes each tier holds at its peak.
+
+    Attributes:
+        placement: ``step -> "host" | "disk"`` for the checkpoints kept off the device (all
+            others stay on it).
+        state_bytes: bytes of one state.
+        device_peak_bytes: the plan's device peak (states, kept graphs, the two offloaded
+            states a segment holds while its predecessor is prefetched, the adjoint and the
+            final state).
+    """
+
+    placement: Mapping[int, str] = field(default_factory=dict)
+    state_bytes: int = 0
+    device_peak_bytes: int = 0
+
+    def count(self, tier: str) -> int:
+        return sum(1 for where in self.placement.values() if where == tier)
+
+    @property
+    def host_bytes(self) -> int:
+        return self.count("host") * self.state_bytes
+
+    @property
+    def disk_bytes(self) -> int:
+        return self.count("disk") * self.state_bytes
+
+    def to_dict(self) -> dict:
+        return {"device_peak_bytes": self.device_peak_bytes, "host_bytes": self.host_bytes,
+                "disk_bytes": self.disk_bytes, "host_states": self.count("host"), "disk_states": self.count("disk"),
+                # every disk checkpoint is written once and read once
+                "disk_written_bytes": self.disk_bytes, "disk_read_bytes": self.disk_bytes}
+
+
+def _layout(state: TrainState) -> list[dict]:
+    """Byte offsets, dtypes and shapes of a state's tensors in a checkpoint file."""
+    entries, offset = [], 0
+    for tensor in state.tensors():
+        nbytes = tensor.numel() * tensor.element_size()
+        entries.append({"offset": offset, "nbytes": nbytes, "dtype": str(tensor.dtype).removeprefix("torch."),
+                        "shape": list(tensor.shape)})
+        offset += -(-nbytes // _ALIGN) * _ALIGN
+    return entries
+
+
+def _tensor(raw: np.ndarray, entry: dict) -> Tensor:
+    """One tensor of a checkpoint file's bytes, as :func:`_layout` placed it."""
+    dtype = getattr(torch, entry["dtype"])
+    if entry["nbytes"] == 0:
+        return torch.empty(entry["shape"], dtype=dtype)
+    piece = torch.from_numpy(raw[entry["offset"]: entry["offset"] + entry["nbytes"]])
+    return piece.view(dtype).reshape(entry["shape"])
+
+
+class CheckpointStore(MutableMapping):
+    """``step -> TrainState`` over device, host and disk (see the module docstring).
+
+    Args:
+        placement: ``step -> "host" | "disk"`` for states kept off the device
+            (:attr:`TierPlan.placement`); every other step stays on the device.
+        device: the run's device (states come back there).
+        directory: where the disk tier's directory is made (default: the system's temporary
+            directory); a fresh ``mgd-checkpoints-*`` folder inside it holds the files.
+        keep: keep that folder and every file written to it (one per disk checkpoint, and
+            ``layout.json``) when the store closes; otherwise each file goes once it is read.
+
+    An offloaded state, once read, stays on the device until it is deleted (the reverse pass
+    reads it again only within its own segment) and its off-device copy is dropped.
+    """
+
+    def __init__(self, placement: Mapping[int, str] | None = None, *, device: torch.device | str = "cpu",
+                 directory: str | os.PathLike | None = None, keep: bool = False) -> None:
+        self.placement = dict(placement or {})
+        unknown = sorted(set(self.placement.values()) - {"host", "disk"})
+        if unknown:
+            raise UserError(f"unknown checkpoint tier {unknown[0]!r}; choose host or disk")
+        self.device = torch.device(device)
+        self.keep = keep
+        self._where: dict[int, str] = {}  # step -> the tier holding it now
+        self._states: dict[int, TrainState] = {}  # device and host tiers, disk files still being written
+        self._files: dict[int, Path] = {}
+        self._pending: dict[int, Future] = {}  # disk writes in flight
+        self._loading: dict[int, Future] = {}  # prefetches in flight
+        self._lock = threading.Lock()
+        self._error: BaseException | None = None
+        self._layout: list[dict] | None = None
+        self.directory: Path | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._bytes = {tier: 0 for tier in TIERS}
+        self.stats = {"disk_written_bytes": 0, "disk_read_bytes": 0, "prefetched": 0, "wait_seconds": 0.0,
+                      "peak_bytes": {tier: 0 for tier in TIERS}}
+        if "disk" in self.placement.values():
+            self._open_directory(directory)
+
+    # ------------------------------------------------------------------ the disk directory
+    def _open_directory(self, parent: str | os.PathLike | None) -> None:
+        where = Path(parent) if parent is not None else Path(tempfile.gettempdir())
+        try:
+            where.mkdir(parents=True, exist_ok=True)
+            self.directory = Path(tempfile.mkdtemp(prefix="mgd-checkpoints-", dir=where))
+        except OSError as error:
+            raise UserError(
+                f"cannot create a checkpoint directory in {where}: {error.strerror or error}; "
+                "choose another --checkpoint-dir"
+            ) from None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mgd-checkpoints")
+
+    def check_free_space(self, needed: int) -> None:
+        """Refuse to start when the directory's file system has less than ``needed`` bytes free."""
+        if self.directory is None:
+            return
+        free = shutil.disk_usage(self.directory).free
+        if free < needed:
+            where = self.directory.parent
+            self.close()
+            raise UserError(
+                f"the disk tier needs {format_bytes(needed)} in {where}, which has {format_bytes(free)} "
+                "free; choose another --checkpoint-dir, lower --disk-budget or raise --memory-budget / "
+                "--host-budget"
+            )
+
+    def _raise_if_failed(self) -> None:
+        with self._lock:
+            error, self._error = self._error, None
+        if error is None:
+            return
+        where = self.directory.parent if self.directory is not None else "the checkpoint directory"
+        reason = getattr(error, "strerror", None) or str(error)
+        self.close()
+        raise UserError(
+            f"writing a checkpoint to {where} failed: {reason}; free disk space, choose another "
+            "--checkpoint-dir or raise --memory-budget / --host-budget"
+        )
+
+    def _write(self, step: int, tensors: tuple[Tensor, ...], path: Path) -> None:
+        """Runs on the writer thread: the file under a temporary name, then renamed."""
+        tmp = path.with_suffix(".tmp")
+        try:
+            with open(tmp, "wb") as handle:
+                for tensor, entry in zip(tensors, self._layout):
+                    handle.write(memoryview(tensor.detach().reshape(-1).contiguous().view(torch.uint8).numpy()))
+                    pad = -(-entry["nbytes"] // _ALIGN) * _ALIGN - entry["nbytes"]
+                    if pad:
+                        handle.write(b"\0" * pad)
+            os.replace(tmp, path)
+        except BaseException as error:
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
+            with self._lock:
+                self._error = error
+            return
+        with self._lock:
+            self.stats["disk_written_bytes"] += sum(e["nbytes"] for e in self._layout)
+            if self._where.get(step) == "disk":  # written: the memory copy may go
+                self._states.pop(step, None)
+            self._pending.pop(step, None)
+
+    def _read(self, step: int) -> TrainState:
+        raw = np.fromfile(self._files[step], dtype=np.uint8)
+        tensors = []
+        for entry in self._layout:
+            tensors.append(_tensor(raw, entry).to(self.device))
+        with self._lock:
+            self.stats["disk_read_bytes"] += sum(e["nbytes"] for e in self._layout)
+        return TrainState.from_tensors(tuple(tensors), step)
+
+    # ------------------------------------------------------------------ accounting
+    def _move(self, step: int, tier: str | None, nbytes: int) -> None:
+        """Record that ``step`` now lives in ``tier`` (``None``: gone)."""
+        old = self._where.pop(step, None)
+        if old is not None:
+            self._bytes[old] -= nbytes
+        if tier is not None:
+            self._where[step] = tier
+            self._bytes[tier] += nbytes
+            peak = self.stats["peak_bytes"]
+            peak[tier] = max(peak[tier], self._bytes[tier])
+
+    def tier(self, step: int) -> str:
+        """Where ``step`` is now (``KeyError`` if not stored)."""
+        return self._where[step]
+
+    # ------------------------------------------------------------------ the mapping
+    def __setitem__(self, step: int, state: TrainState) -> None:
+        self._raise_if_failed()
+        if step in self._where:
+            del self[step]
+        tier = self.placement.get(step, "device")
+        if tier == "device" or (tier == "host" and self.device.type == "cpu"):
+            self._states[step] = state  # a CPU run's device is host memory: nothing to copy
+        elif tier == "host":
+            pin = torch.cuda.is_available()
+            self._states[step] = TrainState.from_tensors(
+                tuple((t.detach().to("cpu").pin_memory() if pin else t.detach().to("cpu")) for t in state.tensors()),
+                step)
+        else:
+            if self._layout is None:
+                self._layout = _layout(state)
+                (self.directory / "layout.json").write_text(json.dumps({"tensors": self._layout}, indent=1))
+            cpu = TrainState.from_tensors(tuple(t.detach().to("cpu") for t in state.tensors()), step)
+            path = self.directory / f"state-{step:09d}.bin"
+            with self._lock:
+                self._files[step] = path
+                self._states[step] = cpu  # until written; a read before then needs no disk
+                self._pending[step] = self._executor.submit(self._write, step, cpu.tensors(), path)
+        self._move(step, tier, state.nbytes())
+
+    def _to_device(self, step: int) -> TrainState:
+        """A device copy of an offloaded state (run on the loader thread for prefetches)."""
+        with self._lock:
+            held = self._states.get(step)
+            pending = self._pending.get(step)
+        if held is None and pending is not None:
+            pending.result()
+        if held is not None:
+            if self.device.type == "cpu":
+                return held
+            return TrainState.from_tensors(tuple(t.to(self.device, non_blocking=True) for t in held.tensors()), step)
+        return self._read(step)
+
+    def __getitem__(self, step: int) -> TrainState:
+        self._raise_if_failed()
+        tier = self._where[step]
+        if tier == "device":
+            return self._states[step]
+        loading = self._loading.pop(step, None)
+        if loading is not None:
+            started = time.perf_counter()
+            state = loading.result()
+            self.stats["wait_seconds"] += time.perf_counter() - started
+        else:
+            state = self._to_device(step)
+        self._raise_if_failed()
+        self._drop_offloaded(step)
+        self._states[step] = state  # resident until deleted
+        self._move(step, "device", state.nbytes())
+        self._prefetch_below(step)
+        return state
+
+    def _drop_offloaded(self, step: int) -> None:
+        with self._lock:
+            pending = self._pending.pop(step, None)
+            path = self._files.pop(step, None)
+            self._states.pop(step, None)
+        if pending is not None:
+            pending.result()
+        if path is not None and not self.keep:
+            path.unlink(missing_ok=True)
+
+    def _prefetch_below(self, step: int) -> None:
+        """Start loading the next offloaded state down: the reverse pass reads them in that order."""
+        below = [s for s, tier in self._where.items() if tier in ("host", "disk") and s < step]
+        if not below or max(below) in self._loading:
+            return
+        target = max(below)
+        self.stats["prefetched"] += 1
+        if self._executor is None or self._where[target] == "host":
+            future: Future = Future()  # host to device: a copy queued on the device's stream
+            future.set_result(self._to_device(target))
+            self._loading[target] = future
+        else:
+            self._loading[target] = self._executor.submit(self._to_device, target)
+
+    def __delitem__(self, step: int) -> None:
+        self._raise_if_failed()
+        if step not in self._where:
+            raise KeyError(step)
+        loading = self._loading.pop(step, None)
+        if loading is not None:
+            loading.result()
+        nbytes = self._bytes_of(step)
+        self._drop_offloaded(step)
+        self._move(step, None, nbytes)
+
+    def _bytes_of(self, step: int) -> int:
+        state = self._states.get(step)
+        if state is not None:
+            return state.nbytes()
+        return sum(e["nbytes"] for e in self._layout)
+
+    def __contains__(self, step) -> bool:
+        return step in self._where
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(sorted(self._where))
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def bytes_now(self) -> dict[str, int]:
+        return dict(self._bytes)
+
+    def close(self) -> None:
+        """Finish pending writes and remove the directory (unless ``keep``)."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+        self._states.clear()
+        self._pending.clear()
+        self._loading.clear()
+        if self.directory is not None and not self.keep:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+    def __enter__(self) -> "CheckpointStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
