@@ -170,3 +170,37 @@ def test_cli_grad_with_tiers_matches_the_in_memory_run_and_estimate_prints_them(
                  "--out", str(tmp_path / "bad")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cannot create a checkpoint directory" in err[0]
+
+
+def test_a_device_budget_is_kept_as_measured_by_peak_rss(digits, tmp_path):
+    """On a CPU run the disk tier is what takes checkpoints out of the process: its peak extra
+    RSS stays within the budget above the working set of a two-step pass (measured the same
+    way), while storing every state in memory does not."""
+    from torch import nn
+
+    from mgd._resources import peak_memory
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 1400), nn.Tanh(), nn.Linear(1400, 1400), nn.Tanh(),
+                          nn.Linear(1400, 10))  # a 16 MB state with momentum
+    data = (torch.as_tensor(digits.x_train[:200], dtype=torch.float32), torch.as_tensor(digits.y_train[:200]))
+    run = mgd.make_run(model, optimizer=mgd.SGD(momentum=0.9), data=data, steps=16, batch_size=20, lr=0.05,
+                       metaparams=["data_weights"])
+    val = (torch.as_tensor(digits.x_val[:100], dtype=torch.float32), torch.as_tensor(digits.y_val[:100]))
+    objective = mgd.Objective(run.stateless, val)
+    budget = 6 * run.init_state().nbytes()
+
+    def extra(fn):
+        with peak_memory() as memory:
+            result = fn()
+        if memory.extra_bytes is None:
+            pytest.skip("peak RSS cannot be measured on this system")
+        return result, memory.extra_bytes
+
+    _, working_set = extra(lambda: mgd.metagradient(run.replaced(steps=2), objective, mode="unrolled",
+                                                    vjp="double-backward"))
+    tiered, on_disk = extra(lambda: mgd.metagradient(run, objective, memory_budget=budget, disk_budget=10**10,
+                                                     vjp="double-backward", checkpoint_dir=tmp_path))
+    stored, in_memory = extra(lambda: mgd.metagradient(run, objective, mode="unrolled", vjp="double-backward"))
+    assert torch.equal(tiered.grads["data_weights"], stored.grads["data_weights"])
+    assert on_disk <= working_set + budget < in_memory

@@ -2,7 +2,8 @@
 
 A :class:`CheckpointStore` is what :func:`mgd.replay.metagradient` stores states in: a
 mapping ``step -> TrainState`` whose entries live in one of three tiers, fixed per step by the
-plan (:class:`TierPlan`, made by :meth:`mgd.replay.ReplayPlan.choose`):
+plan (:attr:`mgd.replay.ReplayPlan.placement`, made by :meth:`~mgd.replay.ReplayPlan.choose`
+from ``--memory-budget``, ``--host-budget`` and ``--disk-budget``):
 
 * ``device``: the tensors themselves, where training runs;
 * ``host``: a copy in CPU memory (pinned when the run is on a GPU). On a CPU run the device
@@ -33,7 +34,6 @@ import tempfile
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Mapping, MutableMapping
 
@@ -45,46 +45,11 @@ from mgd.errors import UserError
 from mgd.memory import format_bytes
 from mgd.step import TrainState
 
-__all__ = ["TIERS", "TierPlan", "CheckpointStore"]
+__all__ = ["TIERS", "CheckpointStore"]
 
 #: Checkpoint tiers, fastest first.
 TIERS = ("device", "host", "disk")
 _ALIGN = 64
-
-
-@dataclass(frozen=True)
-class TierPlan:
-    """Which checkpoints leave the device, and how many bytes each tier holds at its peak.
-
-    Attributes:
-        placement: ``step -> "host" | "disk"`` for the checkpoints kept off the device (all
-            others stay on it).
-        state_bytes: bytes of one state.
-        device_peak_bytes: the plan's device peak (states, kept graphs, the two offloaded
-            states a segment holds while its predecessor is prefetched, the adjoint and the
-            final state).
-    """
-
-    placement: Mapping[int, str] = field(default_factory=dict)
-    state_bytes: int = 0
-    device_peak_bytes: int = 0
-
-    def count(self, tier: str) -> int:
-        return sum(1 for where in self.placement.values() if where == tier)
-
-    @property
-    def host_bytes(self) -> int:
-        return self.count("host") * self.state_bytes
-
-    @property
-    def disk_bytes(self) -> int:
-        return self.count("disk") * self.state_bytes
-
-    def to_dict(self) -> dict:
-        return {"device_peak_bytes": self.device_peak_bytes, "host_bytes": self.host_bytes,
-                "disk_bytes": self.disk_bytes, "host_states": self.count("host"), "disk_states": self.count("disk"),
-                # every disk checkpoint is written once and read once
-                "disk_written_bytes": self.disk_bytes, "disk_read_bytes": self.disk_bytes}
 
 
 def _layout(state: TrainState) -> list[dict]:
@@ -112,7 +77,7 @@ class CheckpointStore(MutableMapping):
 
     Args:
         placement: ``step -> "host" | "disk"`` for states kept off the device
-            (:attr:`TierPlan.placement`); every other step stays on the device.
+            (:attr:`mgd.replay.ReplayPlan.placement`); every other step stays on the device.
         device: the run's device (states come back there).
         directory: where the disk tier's directory is made (default: the system's temporary
             directory); a fresh ``mgd-checkpoints-*`` folder inside it holds the files.
