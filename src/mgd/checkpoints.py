@@ -83,13 +83,20 @@ class CheckpointStore(MutableMapping):
             directory); a fresh ``mgd-checkpoints-*`` folder inside it holds the files.
         keep: keep that folder and every file written to it (one per disk checkpoint, and
             ``layout.json``) when the store closes; otherwise each file goes once it is read.
+        durable: a folder that also receives, whatever their tier, a file for each of the
+            steps in ``durable_steps``, renamed into place once complete and never removed by
+            the store: what a resumed pass reads back (:meth:`adopt`). Disk checkpoints of
+            those steps are those files. (They are not flushed with ``fsync``: they survive
+            the process being killed, which is what resuming is for, at no cost to the pass.)
+        durable_steps: the steps to write there (the forward pass's checkpoints).
 
     An offloaded state, once read, stays on the device until it is deleted (the reverse pass
     reads it again only within its own segment) and its off-device copy is dropped.
     """
 
     def __init__(self, placement: Mapping[int, str] | None = None, *, device: torch.device | str = "cpu",
-                 directory: str | os.PathLike | None = None, keep: bool = False) -> None:
+                 directory: str | os.PathLike | None = None, keep: bool = False,
+                 durable: str | os.PathLike | None = None, durable_steps=()) -> None:
         self.placement = dict(placement or {})
         unknown = sorted(set(self.placement.values()) - {"host", "disk"})
         if unknown:
@@ -109,8 +116,16 @@ class CheckpointStore(MutableMapping):
         self._bytes = {tier: 0 for tier in TIERS}
         self.stats = {"disk_written_bytes": 0, "disk_read_bytes": 0, "prefetched": 0, "wait_seconds": 0.0,
                       "peak_bytes": {tier: 0 for tier in TIERS}}
-        if "disk" in self.placement.values():
+        self.durable = None if durable is None else Path(durable)
+        self.durable_steps = set(durable_steps) if durable is not None else set()
+        if self.durable is not None and self.durable.is_dir():
+            for stale in self.durable.glob("*.tmp"):  # a write a kill interrupted
+                stale.unlink()
+        if "disk" in self.placement.values() and not self.durable_steps >= {
+                s for s, tier in self.placement.items() if tier == "disk"}:
             self._open_directory(directory)
+        if self._executor is None and self.durable is not None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mgd-checkpoints")
 
     # ------------------------------------------------------------------ the disk directory
     def _open_directory(self, parent: str | os.PathLike | None) -> None:
@@ -215,17 +230,60 @@ class CheckpointStore(MutableMapping):
             self._states[step] = TrainState.from_tensors(
                 tuple((t.detach().to("cpu").pin_memory() if pin else t.detach().to("cpu")) for t in state.tensors()),
                 step)
-        else:
-            if self._layout is None:
-                self._layout = _layout(state)
-                (self.directory / "layout.json").write_text(json.dumps({"tensors": self._layout}, indent=1))
+        durable = step in self.durable_steps
+        if tier == "disk" or durable:
+            self._ensure_layout(state)
             cpu = TrainState.from_tensors(tuple(t.detach().to("cpu") for t in state.tensors()), step)
-            path = self.directory / f"state-{step:09d}.bin"
+            folder = self.durable if durable else self.directory
+            path = folder / f"state-{step:09d}.bin"
             with self._lock:
                 self._files[step] = path
-                self._states[step] = cpu  # until written; a read before then needs no disk
+                if tier == "disk":
+                    self._states[step] = cpu  # until written; a read before then needs no disk
                 self._pending[step] = self._executor.submit(self._write, step, cpu.tensors(), path)
         self._move(step, tier, state.nbytes())
+
+    def _ensure_layout(self, state: TrainState) -> None:
+        if self._layout is None:
+            self._layout = _layout(state)
+            for folder in (self.directory, self.durable):
+                if folder is not None:
+                    try:
+                        folder.mkdir(parents=True, exist_ok=True)
+                    except OSError as error:
+                        raise UserError(f"cannot create a checkpoint directory {folder}: "
+                                        f"{error.strerror or error}; choose another --checkpoint-dir") from None
+                    (folder / "layout.json").write_text(json.dumps({"tensors": self._layout}, indent=1))
+
+    def adopt(self, step: int) -> None:
+        """Hold ``step`` from its durable file, written by an earlier pass (read when needed)."""
+        path = self.durable / f"state-{step:09d}.bin"
+        if not path.is_file():
+            raise UserError(f"the saved pass in {self.durable.parent} lacks checkpoint {step}; start a new run")
+        if self._layout is None:
+            self._layout = json.loads((self.durable / "layout.json").read_text())["tensors"]
+        self._files[step] = path
+        self.placement[step] = "disk"
+        self._move(step, "disk", sum(e["nbytes"] for e in self._layout))
+
+    def after_writes(self, fn) -> None:
+        """Run ``fn()`` on the writer thread once every write queued so far is done (its
+        errors are reported like a failed write)."""
+
+        def guarded() -> None:
+            try:
+                fn()
+            except BaseException as error:
+                with self._lock:
+                    self._error = error
+
+        self._executor.submit(guarded)
+
+    def wait(self) -> None:
+        """Block until every queued write is done; raise if one failed."""
+        if self._executor is not None:
+            self._executor.submit(lambda: None).result()
+        self._raise_if_failed()
 
     def _to_device(self, step: int) -> TrainState:
         """A device copy of an offloaded state (run on the loader thread for prefetches)."""
@@ -266,7 +324,7 @@ class CheckpointStore(MutableMapping):
             self._states.pop(step, None)
         if pending is not None:
             pending.result()
-        if path is not None and not self.keep:
+        if path is not None and not self.keep and step not in self.durable_steps:
             path.unlink(missing_ok=True)
 
     def _prefetch_below(self, step: int) -> None:

@@ -18,11 +18,13 @@ _UMASK = os.umask(0)  # read the process umask once (os.umask can only read it b
 os.umask(_UMASK)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, sync: bool = True) -> None:
     """Write ``data`` to ``path`` so that readers see either the old file or the new one.
 
-    The bytes go to a temporary file in the same directory, are flushed to disk, and are
-    then renamed over ``path`` (rename is atomic on POSIX within one file system).
+    The bytes go to a temporary file in the same directory, are flushed to disk (unless
+    ``sync=False``: then the file survives the process being killed but not necessarily the
+    machine crashing), and are then renamed over ``path`` (rename is atomic on POSIX within
+    one file system).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -32,8 +34,9 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         os.chmod(tmp, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
+            if sync:
+                handle.flush()
+                os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -61,6 +61,7 @@ import torch
 from torch import Tensor
 
 from mgd.checkpoints import CheckpointStore
+from mgd.resumable import PassProgress, _from_bytes as _from_raw
 from mgd.distributed import check_replicated
 from mgd.errors import ReplayDivergedError, UserError
 from mgd.memory import default_memory_budget, format_bytes, step_graph_bytes
@@ -611,6 +612,7 @@ def metagradient(
     disk_budget: int | None = None,
     checkpoint_dir: str | None = None,
     keep_checkpoints: bool = False,
+    state_dir: str | None = None,
     trace: ReplayTrace | None = None,
     progress: Callable[[str, int], None] | None = None,
 ) -> MetaGradient:
@@ -646,6 +648,13 @@ def metagradient(
         checkpoint_dir: where the disk tier makes its private directory (default: the
             system's temporary directory); it is removed when the pass ends, unless
             ``keep_checkpoints``.
+        state_dir: make the pass resumable: its progress is saved in this directory
+            (:mod:`mgd.resumable`: the forward pass's checkpoints, ``s_T``, and after every
+            root segment of the reverse pass its adjoint and partial sums), and a pass given a
+            directory that holds progress continues from it, with the same result bit for
+            bit. The directory is left in place: remove it once the result is saved, with
+            :func:`mgd.resumable.remove_pass` (the checkpoint files go to ``checkpoint_dir``
+            when given, else into the directory itself).
         trace: optional :class:`ReplayTrace` to record events and live checkpoints.
         progress: optional callback ``(phase, steps_done)`` for progress bars.
 
@@ -678,7 +687,7 @@ def metagradient(
         )
     with math_attention():
         storage = {"host_budget": host_budget, "disk_budget": disk_budget, "directory": checkpoint_dir,
-                   "keep": keep_checkpoints}
+                   "keep": keep_checkpoints, "state_dir": state_dir}
         return _metagradient(run, objective, values, wrt, mode, k, vjp, horizon, memory_budget, storage, trace,
                              progress)
 
@@ -694,24 +703,43 @@ def _metagradient(run, objective, values, wrt, mode, k, vjp, horizon, memory_bud
     s0 = run.init_state()
     state_bytes = s0.nbytes()
     graph_bytes = 0
-    if mode != "unrolled" and k is None and fused:
-        graph_bytes = step_graph_bytes(run, s0, run.local_meta(values, 0), wrt)
-    plan = make_plan(T, state_bytes, graph_bytes, k=T if mode == "unrolled" else k, fused=fused,
-                     memory_budget=memory_budget, host_budget=storage["host_budget"],
-                     disk_budget=storage["disk_budget"])
+    saved = None
+    if storage["state_dir"] is not None:
+        if run.collective.world_size > 1:
+            raise UserError("a resumable pass (a state directory) cannot run data-parallel yet; run it on one process")
+        identity = {"steps": T, "state_bytes": state_bytes, "dtype": str(run.dtype), "wrt": list(wrt),
+                    "vjp": vjp if isinstance(vjp, str) else "custom", "horizon": first_step,
+                    "initial_state": [int(x) for x in _fingerprint(s0).cpu()]}
+        saved = PassProgress(storage["state_dir"], identity, checkpoint_parent=storage["directory"])
+    if saved is not None and saved.saved_plan is not None:  # the plan the pass began with
+        plan = replace(ReplayPlan.build(T, saved.saved_plan["k"], fused=saved.saved_plan["fused"],
+                                        root=tuple(saved.saved_plan["root"]) if saved.saved_plan["root"] else None),
+                       placement=tuple((int(t), tier) for t, tier in saved.saved_plan["placement"]))
+        graph_bytes = saved.saved_plan["graph_bytes"]
+    else:
+        if mode != "unrolled" and k is None and fused:
+            graph_bytes = step_graph_bytes(run, s0, run.local_meta(values, 0), wrt)
+        plan = make_plan(T, state_bytes, graph_bytes, k=T if mode == "unrolled" else k, fused=fused,
+                         memory_budget=memory_budget, host_budget=storage["host_budget"],
+                         disk_budget=storage["disk_budget"])
     fused = fused and plan.fused
-    checkpoints = CheckpointStore(dict(plan.placement), device=run.device, directory=storage["directory"],
-                                  keep=storage["keep"])
+    checkpoints = CheckpointStore(
+        dict(plan.placement), device=run.device, directory=storage["directory"], keep=storage["keep"],
+        durable=None if saved is None else saved.checkpoints, durable_steps=(*plan.forward_store, T),
+    )
     try:
         checkpoints.check_free_space(plan.tier_bytes(state_bytes)["disk"])
-        return _passes(run, objective, values, wrt, plan, checkpoints, s0, state_bytes, graph_bytes, fused, mixed,
-                       step_vjp, vjp, first_step, memory_budget, trace, progress)
+        if saved is not None:
+            saved.start({"k": plan.k, "fused": plan.fused, "root": list(plan.root) if plan.root else None,
+                         "placement": [list(pair) for pair in plan.placement], "graph_bytes": graph_bytes})
+        return _passes(run, objective, values, wrt, plan, checkpoints, saved, s0, state_bytes, graph_bytes, fused,
+                       mixed, step_vjp, vjp, first_step, memory_budget, trace, progress)
     finally:
         checkpoints.close()
 
 
-def _passes(run, objective, values, wrt, plan, checkpoints, s0, state_bytes, graph_bytes, fused, mixed, step_vjp,
-            vjp, first_step, memory_budget, trace, progress) -> MetaGradient:
+def _passes(run, objective, values, wrt, plan, checkpoints, saved, s0, state_bytes, graph_bytes, fused, mixed,
+            step_vjp, vjp, first_step, memory_budget, trace, progress) -> MetaGradient:
     """The forward and reverse passes of :func:`metagradient` over ``checkpoints``."""
     T = run.steps
     used_vjp = vjp if isinstance(vjp, str) else "custom"
@@ -789,19 +817,51 @@ def _passes(run, objective, values, wrt, plan, checkpoints, s0, state_bytes, gra
                 # can be stored without a copy.
                 checkpoints[t] = state
                 note_live()
+                if phase == "forward":
+                    record_forward(t)
             if progress is not None:
                 progress(phase, 1)
         return state
 
+    def record_forward(t: int) -> None:
+        """With a state directory: once checkpoint ``t`` is on disk, say the forward pass got there."""
+        if saved is None:
+            return
+        snapshot = (forward_fp[: t + 1].cpu().numpy(), loss_fp[:t].cpu().numpy(), loss_sums[:t].clone())
+        checkpoints.after_writes(lambda: saved.save_forward(t, *snapshot))
+
     # ---- forward pass: s_0 -> s_T, storing the root's children
     started = time.perf_counter()
-    ops = schedule(T, plan.k, plan.root)
-    first = next(ops)
+    ops = list(schedule(T, plan.k, plan.root))
+    first = ops[0]
     assert isinstance(first, Forward), "schedule must start with the forward pass (please report)"
     forward_fp[0] = _fingerprint(s0)
-    checkpoints[0] = s0
-    note_live()
-    final = run_forward(s0, T, first.store, "forward")
+    resumed = saved.load_forward() if saved is not None else None
+    if resumed is None:
+        checkpoints[0] = s0
+        note_live()
+        record_forward(0)
+        start = s0
+    else:  # continue after the last checkpoint the saved pass wrote
+        reached = resumed["reached"]
+        if not torch.equal(torch.as_tensor(resumed["forward_fp"][0], device=device), forward_fp[0]):
+            raise UserError(f"the saved pass in {saved.directory} starts from another initial state; start a new run")
+        forward_fp[: reached + 1] = torch.as_tensor(resumed["forward_fp"], device=device)
+        loss_fp[:reached] = torch.as_tensor(resumed["loss_fp"], device=device)
+        loss_sums[:reached] = _from_raw(resumed["loss_sums"], loss_sums[:reached])
+        for t in (0, *first.store):
+            if t <= reached:
+                checkpoints.adopt(t)
+        start = None if reached == T else checkpoints[reached]
+    if start is not None:
+        final = run_forward(start, T, tuple(t for t in first.store if t > start.step), "forward")
+        if saved is not None:
+            checkpoints[T] = final  # s_T too, so that a resumed reverse pass needs no forward pass
+            record_forward(T)
+            checkpoints.wait()
+    else:
+        checkpoints.adopt(T)
+        final = checkpoints[T]
     run.check_finite(loss_sums)
     run.stateless.check_constants()
     check_replicated(run.collective, forward_fp[[0, T]], "initial or final training states")
@@ -816,7 +876,21 @@ def _passes(run, objective, values, wrt, plan, checkpoints, s0, state_bytes, gra
     split = run.collective.world_size > 1
     partial = {name: torch.zeros_like(values[name]) for name in wrt} if split else {}
     fell_back = vjps = 0  # mixed-mode steps that ran reverse-over-reverse
-    for op in ops:
+    flags = {"state_diverged": state_diverged, "step_diverged": step_diverged}
+    done = 0  # operations of the schedule already run (the forward pass is operation 0)
+    back = saved.load_reverse(adjoint, grads, partial, flags) if saved is not None else None
+    if back is not None:  # continue after the last root segment the saved pass finished
+        done, adjoint, grads, partial = back["op_index"], back["adjoint"], back["grads"], back["partial"]
+        state_diverged |= back["flags"]["state_diverged"]
+        step_diverged |= back["flags"]["step_diverged"]
+        counters = back["counters"]
+        fell_back, vjps, fused, used_vjp = counters["fell_back"], counters["vjps"], counters["fused"], counters["vjp"]
+        fused_checked = counters["fused_checked"]
+        for op in ops[1: done + 1]:
+            if isinstance(op, Free) and op.step in checkpoints:
+                del checkpoints[op.step]
+    for index in range(done + 1, len(ops)):
+        op = ops[index]
         if isinstance(op, Replay):
             # NOTE [leaf replays]: kept work for the segment's last step too
             extend = op.leaf and fused and op.stop >= first_step
@@ -858,6 +932,10 @@ def _passes(run, objective, values, wrt, plan, checkpoints, s0, state_bytes, gra
         elif isinstance(op, Free):
             del checkpoints[op.step]
             note_live()
+            if saved is not None and op.step in first.store:  # a root segment is done
+                saved.save_reverse(index, adjoint, grads, partial, flags, {
+                    "fell_back": fell_back, "vjps": vjps, "fused": fused, "vjp": used_vjp,
+                    "fused_checked": fused_checked})
     for name in partial:
         grads[name] += run.collective.all_reduce_sum(partial[name])
     if fell_back:

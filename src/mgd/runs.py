@@ -43,10 +43,14 @@ class RunDirectory:
 
     # ----------------------------------------------------------------- opening
     @classmethod
-    def create(cls, path: str | os.PathLike, *, command: str, config: Mapping[str, Any]) -> "RunDirectory":
-        """Start a new run in ``path``, which must not exist or be empty."""
+    def create(cls, path: str | os.PathLike, *, command: str, config: Mapping[str, Any],
+               overwrite: bool = False) -> "RunDirectory":
+        """Start a new run in ``path``, which must not exist or be empty (``overwrite``: may hold
+        an earlier run's outputs, which the new run replaces; ``mgd grad --out``)."""
         path = Path(path)
-        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        if path.exists() and not path.is_dir():
+            raise UserError(f"{path} is a file, not a directory; choose another --out")
+        if not overwrite and path.exists() and any(path.iterdir()):
             raise UserError(
                 f"{path} already exists and is not empty; continue that run with --resume {path} "
                 "or choose another --out"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -21,8 +22,11 @@ from mgd.cli.common import (
 )
 from mgd.cli.task import add_task_flag, meta_names, subject_from_args
 from mgd.config import CLI_METAPARAMS
+from mgd.errors import UserError
 from mgd.io import write_json, write_npz
 from mgd.replay import MODES, metagradient
+from mgd.resumable import remove_pass
+from mgd.runs import RunDirectory
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -44,6 +48,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="replay: lazy k-ary checkpoint tree; unrolled: store every state (default: %(default)s)")
     add_plan_flags(r)
     add_output_flags(parser, "runs/grad")
+    parser.add_argument("--resume", metavar="DIR",
+                        help="continue the killed pass in DIR (started with --out DIR and the same flags); "
+                             "the result equals an uninterrupted pass bit for bit")
     add_distributed_flags(parser)
     parser.set_defaults(run=run)
 
@@ -54,6 +61,39 @@ def run(args: argparse.Namespace) -> int:
     wrt = meta_names(args, subject.run)
     collective = subject.collective
     steps = subject.run.steps
+    out, state_dir = Path(args.resume or args.out), None
+    if collective.world_size == 1:  # one process: the pass saves its progress in OUT/pass
+        config = {"subject": subject.record, "meta": wrt, "mode": args.mode, "replay_k": args.replay_k,
+                  "vjp": args.vjp, "memory_budget": args.memory_budget, "host_budget": args.host_budget,
+                  "disk_budget": args.disk_budget, "threads": args.threads, "meta_files": meta_files(args)}
+        if args.resume:
+            RunDirectory.resume(out, command="grad", config=config)
+            if not (out / "pass").is_dir() and (out / "result.json").is_file():
+                if not args.quiet:
+                    print(f"{out} is finished: nothing to resume ({out}/result.json)")
+                return 0
+        else:
+            if (out / "pass").is_dir():
+                raise UserError(f"{out} holds an unfinished pass; continue it with --resume {out}, or choose "
+                                "another --out")
+            created = not out.exists()
+            RunDirectory.create(out, command="grad", config=config, overwrite=True)
+        state_dir = str(out / "pass")
+    try:
+        return _compute(args, subject, wrt, out, state_dir)
+    except UserError:
+        if state_dir is not None and not args.resume and not Path(state_dir, "forward.npz").is_file():
+            # refused before training began (a bad plan, a bad directory): leave nothing behind
+            remove_pass(state_dir)
+            (out / "run.json").unlink(missing_ok=True)
+            if created and not any(out.iterdir()):
+                out.rmdir()
+        raise
+
+
+def _compute(args: argparse.Namespace, subject, wrt: list[str], out: Path, state_dir: str | None) -> int:
+    collective = subject.collective
+    steps = subject.run.steps
     # Under torchrun every rank computes; only rank 0 shows progress and writes outputs.
     with progress_bars({"forward": steps, "reverse": steps}, enabled=not args.quiet and collective.is_main) as progress:
         started = time.perf_counter()
@@ -62,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
                 subject.run, subject.objective, subject.meta, wrt=wrt, mode=args.mode,
                 k=args.replay_k, memory_budget=args.memory_budget, host_budget=args.host_budget,
                 disk_budget=args.disk_budget, checkpoint_dir=args.checkpoint_dir,
-                keep_checkpoints=args.keep_checkpoints, vjp=args.vjp, progress=progress,
+                keep_checkpoints=args.keep_checkpoints, state_dir=state_dir, vjp=args.vjp, progress=progress,
             )
         seconds = time.perf_counter() - started
     grads = {name: g.detach().cpu().double().numpy() for name, g in result.grads.items()}
@@ -82,11 +122,13 @@ def run(args: argparse.Namespace) -> int:
     }
     if not collective.is_main:
         return 0
-    write_npz(f"{args.out}/metagrad.npz", grads)
-    write_json(f"{args.out}/result.json", summary)
+    write_npz(out / "metagrad.npz", grads)
+    write_json(out / "result.json", summary)
+    if state_dir is not None:  # the result is saved: the pass's progress is no longer needed
+        remove_pass(state_dir)
     if not args.quiet:
         print(describe(summary, grads))
-        print(f"wrote {args.out}/result.json and {args.out}/metagrad.npz")
+        print(f"wrote {out}/result.json and {out}/metagrad.npz")
     return 0
 
 
