@@ -111,3 +111,29 @@ def test_closed_form_update_vjp_equals_autograd(make, weight_decay):
     plain = opt.update_vjp(grad, params, state, params_bar, state_bar, step=4, lr=0.07, weight_decay=0.0)
     if weight_decay == 0.0:
         assert torch.allclose(plain.params, closed.params, rtol=1e-12)
+
+
+IN_PLACE_CASES = [
+    mgd.SGD(), mgd.SGD(momentum=0.9), mgd.SGD(momentum=0.9, nesterov=True),
+    mgd.Adam(), mgd.Adam(decoupled=True), mgd.Adam(eps_root=0.0), mgd.Adam(decoupled=True, eps_root=1e-8),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("opt", IN_PLACE_CASES, ids=lambda o: repr(o))
+def test_update_without_a_graph_gives_the_graphs_bits_in_fresh_tensors(opt, dtype):
+    """With no graph to record, updates write their temporaries in place; the result must be the
+    recorded expression's, bit for bit, and share no storage with the inputs (checkpoints)."""
+    gen = torch.Generator().manual_seed(0)
+    grad, params = torch.randn(500, generator=gen, dtype=dtype), torch.randn(500, generator=gen, dtype=dtype)
+    state = tuple(torch.rand(500, generator=gen, dtype=dtype) for _ in opt.init(params))
+    for lr in (0.1, torch.tensor(0.1, dtype=dtype)):
+        for weight_decay in (0.0, 0.01, torch.tensor(0.01, dtype=dtype)):
+            with torch.no_grad():
+                fast = opt.update(grad, params, state, step=3, lr=lr, weight_decay=weight_decay)
+            with torch.enable_grad():
+                graph = opt.update(grad, params.clone().requires_grad_(True), state, step=3, lr=lr,
+                                   weight_decay=weight_decay)
+            for a, b in zip((fast[0], *fast[1]), (graph[0], *graph[1])):
+                assert torch.equal(a, b.detach())
+                assert all(a.data_ptr() != t.data_ptr() for t in (grad, params, *state))

@@ -89,6 +89,16 @@ def _is_zero(value: Scalar) -> bool:
     return not isinstance(value, Tensor) and value == 0.0
 
 
+def _without_graph(*values) -> bool:
+    """True when no autograd graph is being recorded through any of ``values``: the update may
+    then write its temporaries in place (the same operations in the same order, so the same
+    bits, with fewer allocations of parameter-sized buffers; a fresh tensor per output, so
+    states stored as checkpoints are never written again)."""
+    if not torch.is_grad_enabled():
+        return True
+    return not any(isinstance(v, Tensor) and v.requires_grad for v in values)
+
+
 @dataclass(frozen=True)
 class SGD:
     """Stochastic gradient descent with optional (Nesterov) momentum and coupled weight decay.
@@ -125,6 +135,8 @@ class SGD:
         weight_decay: Scalar = 0.0,
     ) -> tuple[Tensor, tuple[Tensor, ...]]:
         del step  # SGD has no step-dependent term
+        if _without_graph(grad, params, *state, lr, weight_decay):
+            return self._update_in_place(grad, params, state, lr, weight_decay)
         if not _is_zero(weight_decay):
             grad = grad + weight_decay * params
         if not self.momentum:
@@ -133,6 +145,17 @@ class SGD:
         buf = self.momentum * buf + grad
         direction = grad + self.momentum * buf if self.nesterov else buf
         return params - lr * direction, (buf,)
+
+    def _update_in_place(self, grad, params, state, lr, weight_decay):
+        """:meth:`update`'s expressions, term for term, with in-place temporaries."""
+        if not _is_zero(weight_decay):
+            grad = torch.mul(params, weight_decay).add_(grad)  # grad + λθ
+        if not self.momentum:
+            step = torch.mul(grad, lr)
+            return torch.sub(params, step, out=step), ()
+        buf = torch.mul(state[0], self.momentum).add_(grad)  # μ·buf + g
+        step = torch.mul(buf, self.momentum).add_(grad).mul_(lr) if self.nesterov else torch.mul(buf, lr)
+        return torch.sub(params, step, out=step), (buf,)
 
     def update_vjp(
         self,
@@ -225,6 +248,8 @@ class Adam:
         # Python floats (float64) for the bias corrections, whatever the tensor dtype.
         bias1 = 1.0 - self.beta1**count
         bias2 = 1.0 - self.beta2**count
+        if _without_graph(grad, params, *state, lr, weight_decay):
+            return self._update_in_place(grad, params, state, lr, weight_decay, bias1, bias2)
         if not _is_zero(weight_decay):
             if self.decoupled:
                 params = params * (1.0 - lr * weight_decay)
@@ -240,6 +265,22 @@ class Adam:
             root = torch.sqrt(exp_avg_sq)
         denom = root / math.sqrt(bias2) + self.eps
         return params - (lr / bias1) * (exp_avg / denom), (exp_avg, exp_avg_sq)
+
+    def _update_in_place(self, grad, params, state, lr, weight_decay, bias1, bias2):
+        """:meth:`update`'s expressions, term for term, with in-place temporaries (about half
+        the time on a large model, where the update is memory-bound)."""
+        exp_avg, exp_avg_sq = state
+        if not _is_zero(weight_decay):
+            if self.decoupled:
+                params = params * (1.0 - lr * weight_decay)
+            else:
+                grad = torch.mul(params, weight_decay).add_(grad)  # grad + λθ
+        exp_avg = torch.lerp(exp_avg, grad, 1.0 - self.beta1)
+        exp_avg_sq = torch.mul(exp_avg_sq, self.beta2).add_(torch.mul(grad, grad).mul_(1.0 - self.beta2))
+        work = torch.add(exp_avg_sq, self.eps_root * bias2) if self.eps_root else exp_avg_sq.clone()
+        work.sqrt_().div_(math.sqrt(bias2)).add_(self.eps)  # the denominator
+        torch.div(exp_avg, work, out=work).mul_(lr / bias1)
+        return torch.sub(params, work, out=work), (exp_avg, exp_avg_sq)
 
     def update_vjp(
         self,
