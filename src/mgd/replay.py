@@ -932,7 +932,7 @@ def _passes(run, objective, values, wrt, plan, checkpoints, saved, s0, state_byt
         elif isinstance(op, Free):
             del checkpoints[op.step]
             note_live()
-            if saved is not None and op.step in first.store:  # a root segment is done
+            if saved is not None and op.step in first.store and saved.due():  # a root segment is done
                 saved.save_reverse(index, adjoint, grads, partial, flags, {
                     "fell_back": fell_back, "vjps": vjps, "fused": fused, "vjp": used_vjp,
                     "fused_checked": fused_checked})

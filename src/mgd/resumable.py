@@ -9,8 +9,9 @@
   into place once complete (:class:`~mgd.checkpoints.CheckpointStore` with ``durable=``);
 * ``forward.npz``: how far the forward pass got (the last checkpoint written) with the
   fingerprints of every state and step up to there;
-* ``reverse.npz``: after every root segment the reverse pass finishes, the adjoint, the
-  metagradient summed so far and the replay checks' flags.
+* ``reverse.npz``: at the end of a root segment of the reverse pass (the first one, then at
+  most every :data:`REVERSE_EVERY_S` seconds), the adjoint, the metagradient summed so far and
+  the replay checks' flags.
 
 Every file is replaced atomically, and ``forward.npz`` is written only after the checkpoint
 it names, so a kill at any moment leaves a consistent directory. Files are not flushed with
@@ -36,7 +37,10 @@ from torch import Tensor
 from mgd.errors import UserError
 from mgd.io import atomic_write_bytes, load_npz, write_json
 
-__all__ = ["PassProgress", "remove_pass"]
+__all__ = ["PassProgress", "remove_pass", "REVERSE_EVERY_S"]
+
+#: Seconds between two records of the reverse pass's progress (after the first).
+REVERSE_EVERY_S = 10.0
 
 
 def _to_bytes(tensor: Tensor) -> np.ndarray:
@@ -66,6 +70,7 @@ class PassProgress:
                  checkpoint_parent: str | os.PathLike | None = None) -> None:
         self.directory = Path(directory)
         self.identity = identity
+        self._last_reverse: float | None = None
         path = self.directory / "pass.json"
         self.saved_plan: dict | None = None
         if path.is_file():
@@ -111,6 +116,12 @@ class PassProgress:
                 "loss_sums": arrays["loss_sums"]}
 
     # ------------------------------------------------------------------ reverse
+    def due(self) -> bool:
+        """Whether the reverse pass should record its progress now: at the end of its first
+        root segment, then at most every :data:`REVERSE_EVERY_S` seconds (each record writes
+        a state-sized adjoint; a kill loses at most that much work)."""
+        return self._last_reverse is None or time.perf_counter() - self._last_reverse >= REVERSE_EVERY_S
+
     def save_reverse(self, op_index: int, adjoint: tuple[Tensor, ...], grads: dict[str, Tensor],
                      partial: dict[str, Tensor], flags: dict[str, Tensor], counters: dict) -> None:
         """The reverse pass has done every operation up to ``op_index`` of the schedule."""
@@ -120,6 +131,7 @@ class PassProgress:
         arrays.update({f"partial_{name}": _to_bytes(t) for name, t in partial.items()})
         arrays.update({f"flag_{name}": _to_bytes(t) for name, t in flags.items()})
         _write_arrays(self.directory / "reverse.npz", arrays)
+        self._last_reverse = time.perf_counter()
 
     def load_reverse(self, adjoint_like: tuple[Tensor, ...], grads_like: dict[str, Tensor],
                      partial_like: dict[str, Tensor], flags_like: dict[str, Tensor]) -> dict | None:
