@@ -122,9 +122,11 @@ def test_unusable_directories_and_too_little_space_are_refused(digits, tmp_path,
         free = 10
 
     monkeypatch.setattr(mgd.checkpoints.shutil, "disk_usage", lambda path: Usage())
-    with pytest.raises(mgd.UserError, match="needs .* which has 10 B free"):
+    with pytest.raises(mgd.UserError, match="need .* which has 10 B free"):
         mgd.metagradient(run, objective, k=3, disk_budget=10**9, checkpoint_dir=tmp_path / "ok")
     assert list((tmp_path / "ok").iterdir()) == []
+    with pytest.raises(mgd.UserError, match="need .* which has 10 B free"):  # a resumable pass's files too
+        mgd.metagradient(run, objective, k=3, state_dir=tmp_path / "pass")
     with pytest.raises(mgd.UserError, match="do not fit in the host and disk budgets"):
         mgd.metagradient(run, objective, k=3, host_budget=10)
 

@@ -140,26 +140,32 @@ class CheckpointStore(MutableMapping):
             ) from None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mgd-checkpoints")
 
-    def check_free_space(self, needed: int) -> None:
-        """Refuse to start when the directory's file system has less than ``needed`` bytes free."""
-        if self.directory is None:
-            return
-        free = shutil.disk_usage(self.directory).free
-        if free < needed:
-            where = self.directory.parent
-            self.close()
-            raise UserError(
-                f"the disk tier needs {format_bytes(needed)} in {where}, which has {format_bytes(free)} "
-                "free; choose another --checkpoint-dir, lower --disk-budget or raise --memory-budget / "
-                "--host-budget"
-            )
+    def check_free_space(self, state_bytes: int) -> None:
+        """Refuse to start when the files this store will write (one per disk checkpoint, one per
+        durable step) do not fit in the free space of their file system."""
+        durable = len(self.durable_steps) * state_bytes
+        spill = sum(state_bytes for s, tier in self.placement.items() if tier == "disk" and s not in self.durable_steps)
+        for folder, needed in ((self.directory, spill), (self.durable, durable)):
+            if folder is None or not needed:
+                continue
+            existing = folder
+            while not existing.exists() and existing != existing.parent:
+                existing = existing.parent
+            free = shutil.disk_usage(existing).free
+            if free < needed:
+                self.close()
+                raise UserError(
+                    f"the checkpoints need {format_bytes(needed)} in {existing}, which has {format_bytes(free)} "
+                    "free; choose another --checkpoint-dir, lower --disk-budget or raise --memory-budget / "
+                    "--host-budget"
+                )
 
     def _raise_if_failed(self) -> None:
         with self._lock:
             error, self._error = self._error, None
         if error is None:
             return
-        where = self.directory.parent if self.directory is not None else "the checkpoint directory"
+        where = getattr(error, "mgd_folder", None) or "the checkpoint directory"
         reason = getattr(error, "strerror", None) or str(error)
         self.close()
         raise UserError(
@@ -183,6 +189,7 @@ class CheckpointStore(MutableMapping):
                 tmp.unlink(missing_ok=True)
             except OSError:
                 pass
+            error.mgd_folder = path.parent.parent if path.parent == self.directory else path.parent
             with self._lock:
                 self._error = error
             return

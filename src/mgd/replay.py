@@ -728,7 +728,7 @@ def _metagradient(run, objective, values, wrt, mode, k, vjp, horizon, memory_bud
         durable=None if saved is None else saved.checkpoints, durable_steps=(*plan.forward_store, T),
     )
     try:
-        checkpoints.check_free_space(plan.tier_bytes(state_bytes)["disk"])
+        checkpoints.check_free_space(state_bytes)
         if saved is not None:
             saved.start({"k": plan.k, "fused": plan.fused, "root": list(plan.root) if plan.root else None,
                          "placement": [list(pair) for pair in plan.placement], "graph_bytes": graph_bytes})
