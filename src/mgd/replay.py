@@ -336,11 +336,14 @@ class ReplayPlan:
         being prefetched. The working set of the step being computed (activations, one
         transient graph) comes on top.
         """
-        if self.placement:
+        return self._device_peak(state_bytes, graph_bytes, offloaded=bool(self.placement))
+
+    def _device_peak(self, state_bytes: int, graph_bytes: int, *, offloaded: bool) -> int:
+        if offloaded:  # replays' states and graphs, the segment's start, the next one prefetched
             held = max(c * state_bytes + g * graph_bytes for c, g in self.replay_frontier) + 2 * state_bytes
         else:
             held = max(c * state_bytes + g * graph_bytes for c, g in self.frontier)
-        return held + 2 * state_bytes
+        return held + 2 * state_bytes  # the adjoint and the final state
 
     def tier_bytes(self, state_bytes: int, graph_bytes: int = 0) -> dict[str, int]:
         """Peak bytes per tier: ``device`` (:meth:`peak_bytes`), ``host`` and ``disk`` (the
@@ -396,16 +399,24 @@ class ReplayPlan:
             UserError: not even the deepest tree (``k = 2``) fits.
         """
         tiers = host_budget is not None or disk_budget is not None
-        if steps <= 2 and not tiers:
-            return cls.build(steps, steps)
+        if steps <= 2:  # every state stored; off the device only if it must be and can be
+            plan = cls.build(steps, steps)
+            if not tiers or budget is None or plan.peak_bytes(state_bytes) <= budget:
+                return plan
+            moved = plan.offloaded(state_bytes, host_budget, disk_budget)
+            if moved is not None and moved.peak_bytes(state_bytes) <= budget:
+                return moved
+            raise UserError(
+                f"the memory budget {format_bytes(budget)} is too small for {steps} steps of "
+                f"{format_bytes(state_bytes)} states; raise --memory-budget"
+            )
         root = default_k(steps)
         # Two levels hold about k·S + (T/k)·(S + G) at the peak: least near k* = √(T(S+G)/S).
         best = math.sqrt(steps * (state_bytes + (graph_bytes if fused else 0)) / max(state_bytes, 1))
         grid = sorted({min(steps - 1, max(root, int(round(best * f)))) for f in (0.8, 0.9, 1.0, 1.12, 1.25)})
-        two_level = [cls.build(steps, k, fused=fused) for k in grid if k >= 2]
-        if steps > 2:
-            tapered = tapered_root(steps, state_bytes, graph_bytes if fused else 0)
-            two_level.append(cls.build(steps, fused=fused, root=tapered))
+        two_level = [cls.build(steps, k, fused=fused) for k in grid]
+        tapered = tapered_root(steps, state_bytes, graph_bytes if fused else 0)
+        two_level.append(cls.build(steps, fused=fused, root=tapered))
         lean = min(two_level, key=lambda plan: (plan.peak_bytes(state_bytes, graph_bytes), -plan.k))
         if budget is None:
             if cap is None or lean.peak_bytes(state_bytes, graph_bytes) <= cap:
@@ -458,9 +469,9 @@ class ReplayPlan:
             return cls.build(steps, fused=fused, root=tuple(_split(0, steps, m)))
 
         def fits(m: int) -> bool:
-            return replace(with_segments(m), placement=((0, "host"),)).peak_bytes(state_bytes, graph_bytes) <= budget
+            return with_segments(m)._device_peak(state_bytes, graph_bytes, offloaded=True) <= budget
 
-        if steps < 2 or not fits(steps):
+        if not fits(steps):
             return None
         low, high = 2, steps  # the device peak falls as segments get shorter: bisect
         while low < high:
