@@ -206,3 +206,24 @@ def test_a_device_budget_is_kept_as_measured_by_peak_rss(digits, tmp_path):
     stored, in_memory = extra(lambda: mgd.metagradient(run, objective, mode="unrolled", vjp="double-backward"))
     assert torch.equal(tiered.grads["data_weights"], stored.grads["data_weights"])
     assert on_disk <= working_set + budget < in_memory
+
+
+def test_cli_a_full_disk_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
+    def full_disk(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    replace = os.replace  # full only for checkpoint files: run.json is written before them
+    monkeypatch.setattr(mgd.checkpoints.os, "replace",
+                        lambda src, dst: full_disk(src, dst) if str(dst).endswith(".bin") else replace(src, dst))
+    code = main(["grad", "--dataset", "digits", "--steps", "20", "--width", "16", "--quiet", "--threads", "1",
+                 "--replay-k", "3", "--disk-budget", "10MB", "--checkpoint-dir", str(tmp_path / "ckpt"),
+                 "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "No space left on device" in err[0], err
+    assert not list((tmp_path / "ckpt").glob("**/*.bin")) and not list((tmp_path / "ckpt").glob("**/*.tmp"))
+    assert not (tmp_path / "out").exists()  # refused before any progress: nothing left behind
+    # a full disk for every file, run.json included: the same one line
+    monkeypatch.setattr(mgd.checkpoints.os, "replace", full_disk)
+    assert main(["train", "--dataset", "digits", "--steps", "5", "--quiet", "--out", str(tmp_path / "t")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot write" in err[0] and "No space left on device" in err[0], err

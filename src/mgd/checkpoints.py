@@ -110,6 +110,7 @@ class CheckpointStore(MutableMapping):
         self._loading: dict[int, Future] = {}  # prefetches in flight
         self._lock = threading.Lock()
         self._error: BaseException | None = None
+        self._failed = False  # a write failed (never reset: later records must not claim it)
         self._layout: list[dict] | None = None
         self.directory: Path | None = None
         self._executor: ThreadPoolExecutor | None = None
@@ -192,6 +193,7 @@ class CheckpointStore(MutableMapping):
             error.mgd_folder = path.parent.parent if path.parent == self.directory else path.parent
             with self._lock:
                 self._error = error
+                self._failed = True
             return
         with self._lock:
             self.stats["disk_written_bytes"] += sum(e["nbytes"] for e in self._layout)
@@ -278,6 +280,8 @@ class CheckpointStore(MutableMapping):
         errors are reported like a failed write)."""
 
         def guarded() -> None:
+            if self._failed:  # a write before it failed: what fn would record is not on disk
+                return
             try:
                 fn()
             except BaseException as error:

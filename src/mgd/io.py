@@ -27,8 +27,11 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, sync: bool = Tru
     one file system).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as error:
+        raise UserError(f"cannot write {path}: {error.strerror or error}; choose another output directory") from None
     try:
         # mkstemp creates the file private (0600); give it the usual permissions instead.
         os.chmod(tmp, 0o666 & ~_UMASK)
@@ -38,9 +41,12 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, sync: bool = Tru
                 handle.flush()
                 os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(error, OSError):  # a full disk, a read-only folder: one clear line, nothing left
+            raise UserError(f"cannot write {path}: {error.strerror or error}; free disk space or choose "
+                            "another output directory") from None
         raise
 
 
