@@ -327,6 +327,7 @@ class TrainingRun:
         self._validate()
         self.order = BatchOrder(len(self.data), self.batch_size, self.seed, device=self.device)
         self._batch_order = batch_order
+        self._shard_cache: tuple[int, Tensor] | None = None
         self._arguments["data"] = self.data
         self.metaparams = resolve_metaparams(metaparams)
         self._check_appending_kinds()
@@ -460,10 +461,18 @@ class TrainingRun:
         return self.order.indices(step)
 
     def shard_indices(self, step: int) -> Tensor:
-        """This rank's part of the minibatch of ``step``: positions ``rank, rank + W, ...``."""
+        """This rank's part of the minibatch of ``step``: positions ``rank, rank + W, ...``.
+
+        The last step's answer is kept: a step asks for it several times (its metaparameters'
+        slices, its inputs), and the batch order is a pure function of the step."""
+        cached = self._shard_cache
+        if cached is not None and cached[0] == step:
+            return cached[1]
         index = self.batch_indices(step)
         world = self.collective.world_size
-        return index if world == 1 else index[self.collective.rank :: world]
+        index = index if world == 1 else index[self.collective.rank :: world]
+        self._shard_cache = (step, index)
+        return index
 
     def base_lr(self, step: int) -> float:
         """``η · s(t) · warm-up(t)``: the learning rate before any metaparameter acts."""
