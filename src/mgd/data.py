@@ -275,7 +275,7 @@ def _load_mnist1d(cache_dir: Path) -> Dataset:
         arrays = _generate_mnist1d()
         try:
             write_npz(path, arrays)
-        except OSError:
+        except (OSError, UserError):  # write_npz reports a failed write as a UserError
             # A read-only or invalid cache dir only costs a few seconds per load; the data
             # itself is fine, so caching is best effort.
             pass
