@@ -59,10 +59,8 @@ def run(args: argparse.Namespace) -> int:
     configure_torch(args)
     subject = subject_from_args(args, command="mgd grad")
     wrt = meta_names(args, subject.run)
-    collective = subject.collective
-    steps = subject.run.steps
-    out, state_dir = Path(args.resume or args.out), None
-    if collective.world_size == 1:  # one process: the pass saves its progress in OUT/pass
+    out, state_dir, created = Path(args.resume or args.out), None, False
+    if subject.collective.world_size == 1:  # one process: the pass saves its progress in OUT/pass
         config = {"subject": subject.record, "meta": wrt, "mode": args.mode, "replay_k": args.replay_k,
                   "vjp": args.vjp, "memory_budget": args.memory_budget, "host_budget": args.host_budget,
                   "disk_budget": args.disk_budget, "threads": args.threads, "meta_files": meta_files(args)}
