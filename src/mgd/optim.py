@@ -151,11 +151,11 @@ class SGD:
         if not _is_zero(weight_decay):
             grad = torch.mul(params, weight_decay).add_(grad)  # grad + λθ
         if not self.momentum:
-            step = torch.mul(grad, lr)
-            return torch.sub(params, step, out=step), ()
+            change = torch.mul(grad, lr)
+            return torch.sub(params, change, out=change), ()
         buf = torch.mul(state[0], self.momentum).add_(grad)  # μ·buf + g
-        step = torch.mul(buf, self.momentum).add_(grad).mul_(lr) if self.nesterov else torch.mul(buf, lr)
-        return torch.sub(params, step, out=step), (buf,)
+        change = torch.mul(buf, self.momentum).add_(grad).mul_(lr) if self.nesterov else torch.mul(buf, lr)
+        return torch.sub(params, change, out=change), (buf,)
 
     def update_vjp(
         self,

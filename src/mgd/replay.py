@@ -61,7 +61,7 @@ import torch
 from torch import Tensor
 
 from mgd.checkpoints import CheckpointStore
-from mgd.resumable import PassProgress, _from_bytes as _from_raw
+from mgd.resumable import PassProgress
 from mgd.distributed import check_replicated
 from mgd.errors import ReplayDivergedError, UserError
 from mgd.memory import default_memory_budget, format_bytes, step_graph_bytes
@@ -847,19 +847,17 @@ def _passes(run, objective, values, wrt, plan, checkpoints, saved, s0, state_byt
     first = ops[0]
     assert isinstance(first, Forward), "schedule must start with the forward pass (please report)"
     forward_fp[0] = _fingerprint(s0)
-    resumed = saved.load_forward() if saved is not None else None
+    resumed = saved.load_forward(loss_sums) if saved is not None else None
     if resumed is None:
         checkpoints[0] = s0
         note_live()
         record_forward(0)
         start = s0
     else:  # continue after the last checkpoint the saved pass wrote
-        reached = resumed["reached"]
-        if not torch.equal(torch.as_tensor(resumed["forward_fp"][0], device=device), forward_fp[0]):
-            raise UserError(f"the saved pass in {saved.directory} starts from another initial state; start a new run")
+        reached = resumed["reached"]  # the same s_0: pass.json's identity holds its fingerprint
         forward_fp[: reached + 1] = torch.as_tensor(resumed["forward_fp"], device=device)
         loss_fp[:reached] = torch.as_tensor(resumed["loss_fp"], device=device)
-        loss_sums[:reached] = _from_raw(resumed["loss_sums"], loss_sums[:reached])
+        loss_sums[:reached] = resumed["loss_sums"]
         for t in (0, *first.store):
             if t <= reached:
                 checkpoints.adopt(t)
@@ -975,7 +973,7 @@ def _passes(run, objective, values, wrt, plan, checkpoints, saved, s0, state_byt
             "budget_bytes": memory_budget,
             "planned_peak_bytes": plan.peak_bytes(state_bytes, graph_bytes),
             "planned_tier_bytes": plan.tier_bytes(state_bytes, graph_bytes),
-            "checkpoint_io": {key: value for key, value in checkpoints.stats.items()},
+            "checkpoint_io": dict(checkpoints.stats),
         },
         vjp=used_vjp,
     )

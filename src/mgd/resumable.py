@@ -107,13 +107,16 @@ class PassProgress:
             "loss_fp": loss_fp[:reached], "loss_sums": _to_bytes(torch.as_tensor(loss_sums[:reached])),
         })
 
-    def load_forward(self) -> dict | None:
+    def load_forward(self, loss_sums_like: Tensor) -> dict | None:
+        """The saved forward progress (``None``: none yet); its loss sums as a tensor like
+        ``loss_sums_like`` (the pass's ``(T,)`` buffer), cut to the steps reached."""
         path = self.directory / "forward.npz"
         if not path.is_file():
             return None
         arrays = load_npz(path, what=f"the saved pass in {self.directory}")
-        return {"reached": int(arrays["reached"]), "forward_fp": arrays["forward_fp"], "loss_fp": arrays["loss_fp"],
-                "loss_sums": arrays["loss_sums"]}
+        reached = int(arrays["reached"])
+        return {"reached": reached, "forward_fp": arrays["forward_fp"], "loss_fp": arrays["loss_fp"],
+                "loss_sums": _from_bytes(arrays["loss_sums"], loss_sums_like[:reached])}
 
     # ------------------------------------------------------------------ reverse
     def due(self) -> bool:
