@@ -17,6 +17,15 @@ def digits():
     return load_dataset("digits")
 
 
+def digits_split(digits, n_train: int = 60, n_val: int = 40, dtype=torch.float64):
+    """``((x, y), (x_val, y_val))``: the first ``n_train`` training and ``n_val`` validation digits."""
+    x = torch.as_tensor(digits.x_train[:n_train], dtype=dtype)
+    y = torch.as_tensor(digits.y_train[:n_train])
+    xv = torch.as_tensor(digits.x_val[:n_val], dtype=dtype)
+    yv = torch.as_tensor(digits.y_val[:n_val])
+    return (x, y), (xv, yv)
+
+
 def tiny_problem(
     digits,
     optimizer,

@@ -22,6 +22,8 @@ from mgd.check import directional_finite_difference, full_unroll_metagradient, r
 from mgd.replay import VJP_MODES
 from mgd.step_vjp import MixedModeFallback
 
+from conftest import digits_split
+
 DTYPE = torch.float64
 
 
@@ -105,17 +107,9 @@ ZOO = ("groupnorm", "layernorm", "lstm", "attention", "buffers", "dropout")
 DETERMINISTIC = ("groupnorm", "layernorm", "lstm", "attention", "buffers")
 
 
-def split(digits, n_train=60, n_val=40):
-    x = torch.as_tensor(digits.x_train[:n_train], dtype=DTYPE)
-    y = torch.as_tensor(digits.y_train[:n_train])
-    xv = torch.as_tensor(digits.x_val[:n_val], dtype=DTYPE)
-    yv = torch.as_tensor(digits.y_val[:n_val])
-    return (x, y), (xv, yv)
-
-
 def zoo_run(name, digits, *, optimizer=None, steps=6, batch_size=20, lr=0.1, **options):
     model = zoo_model(name, digits)
-    train, val = split(digits)
+    train, val = digits_split(digits)
     run = mgd.make_run(
         model, optimizer=optimizer or mgd.SGD(momentum=0.9), data=train, steps=steps, batch_size=batch_size,
         lr=lr, metaparams=["data_weights", "lr"], **options,
@@ -216,7 +210,7 @@ def test_zoo_training_matches_a_plain_torch_optim_loop(digits, name):
     run, objective = zoo_run(name, digits, steps=12)
     final = run.run()
     ours = float(objective(run.named_tensors(final.params, final.buffers)))
-    train, val = split(digits)
+    train, val = digits_split(digits)
     assert ours == pytest.approx(_torch_optim_val_loss(zoo_model(name, digits), train, val, run), rel=1e-10, abs=1e-10)
 
 
@@ -225,7 +219,7 @@ def test_schedule_and_clipping_match_torch_optim_and_are_differentiated_exactly(
     run, objective = zoo_run("layernorm", digits, steps=10, schedule=schedule, clip_norm=0.5)
     final = run.run()
     ours = float(objective(run.named_tensors(final.params, final.buffers)))
-    train, val = split(digits)
+    train, val = digits_split(digits)
     reference = _torch_optim_val_loss(zoo_model("layernorm", digits), train, val, run, clip=0.5, schedule=schedule)
     assert ours == pytest.approx(reference, rel=1e-10)
     assert_exact(run, objective)
@@ -281,7 +275,7 @@ def test_frozen_parameters_stay_frozen_and_match_torch_optim(digits):
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 12), nn.Tanh(), nn.Linear(12, 10)).to(DTYPE)
     model[1].requires_grad_(False)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-    train, val = split(digits)
+    train, val = digits_split(digits)
     run = mgd.make_run(model, optimizer=mgd.SGD(momentum=0.9), data=train, steps=12, batch_size=20, lr=0.1,
                        metaparams=["data_weights", "lr"])
     assert run.num_params == 12 * 10 + 10  # the state holds the trainable layer only
@@ -348,7 +342,7 @@ def test_constant_buffers_are_accepted_and_in_place_writes_refused(digits):
             return self.lin(x.flatten(1))
 
     model = Counting()
-    train, _ = split(digits)
+    train, _ = digits_split(digits)
     bad = mgd.make_run(model, optimizer=mgd.SGD(), data=train, steps=2, batch_size=20, lr=0.1)
     with pytest.raises(mgd.UserError, match="buffer 'calls' in place"):
         bad.run()
@@ -376,7 +370,7 @@ def _dict_loss(outputs, batch):
 
 
 def test_a_dataset_with_dict_items_gives_the_same_run_as_tensors(digits):
-    (x, y), val = split(digits)
+    (x, y), val = digits_split(digits)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 12), nn.Tanh(), nn.Linear(12, 10)).to(DTYPE)
     common = dict(optimizer=mgd.SGD(momentum=0.9), steps=8, batch_size=20, lr=0.1, metaparams=["data_weights"])
@@ -409,7 +403,7 @@ def test_augmentation_replays_and_is_differentiated_exactly(digits):
 def test_poisons_on_a_dict_field_of_a_dataset(digits):
     from mgd.apps.poison import PoisonInputs
 
-    (x, y), val = split(digits)
+    (x, y), val = digits_split(digits)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 12), nn.Tanh(), nn.Linear(12, 10)).to(DTYPE)
     kind = PoisonInputs(torch.zeros((), dtype=DTYPE), torch.ones((), dtype=DTYPE), field="pixels")
@@ -441,7 +435,7 @@ def test_per_token_weights_and_masks_in_the_lm_loss():
 
 
 def test_bad_runs_are_user_errors_naming_the_fix(digits):
-    (x, y), val = split(digits)
+    (x, y), val = digits_split(digits)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10)).to(DTYPE)
     common = dict(optimizer=mgd.SGD(), steps=3, batch_size=10, lr=0.1)

@@ -23,6 +23,8 @@ from mgd.descent import Box, SignedStep, descend
 from mgd.metaparams import PoolInjection
 from mgd.replay import VJP_MODES
 
+from conftest import digits_split
+
 DTYPE = torch.float64
 STEPS, BATCH, LR, INJECT = 8, 20, 0.1, 5
 
@@ -33,17 +35,9 @@ def _model(batchnorm=False):
     return nn.Sequential(nn.Flatten(), nn.Linear(64, 12), norm, nn.GELU(), nn.Linear(12, 10)).to(DTYPE)
 
 
-def _data(digits, n_train=60, n_val=40):
-    x = torch.as_tensor(digits.x_train[:n_train], dtype=DTYPE)
-    y = torch.as_tensor(digits.y_train[:n_train])
-    xv = torch.as_tensor(digits.x_val[:n_val], dtype=DTYPE)
-    yv = torch.as_tensor(digits.y_val[:n_val])
-    return (x, y), (xv, yv)
-
-
 def _run(digits, model=None, metaparams=None):
     model = model or _model()
-    train, val = _data(digits)
+    train, val = digits_split(digits)
     run = mgd.make_run(model, optimizer=mgd.SGD(momentum=0.9), data=train, steps=STEPS, batch_size=BATCH, lr=LR,
                        metaparams=metaparams or ["data_weights", PoolInjection(INJECT)])
     return run, mgd.Objective(run.stateless, val, batch_size=16)
@@ -92,7 +86,7 @@ def _torch_optim_val_loss(digits, counts, z):
     """SGD with momentum via torch.optim on the run's batch order, the injected term added by hand."""
     run, _ = _run(digits)
     model = copy.deepcopy(_model())
-    (x, y), (xv, yv) = _data(digits)
+    (x, y), (xv, yv) = digits_split(digits)
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
     for t in range(STEPS):
         index = run.batch_indices(t)
