@@ -314,7 +314,7 @@ def lm_run(model: Any, problem: Any, optimizer: str, steps: int) -> tuple[Any, A
     loss = causal_lm(mask=None)  # (1/31) sum of next-token CEs: bergson's per-sequence mean
     run = mgd.make_run(
         model, optimizer=opt, data={"input_ids": problem.train, "labels": problem.train},
-        steps=steps, batch_size=pb.BATCH_SIZE, lr=lr, weight_decay=weight_decay, loss=loss,
+        steps=steps, batch_size=problem.batch_size, lr=lr, weight_decay=weight_decay, loss=loss,
         seed=SEED, batch_order=problem.batches.__getitem__, metaparams=METAPARAMS,
     )
     query = {"input_ids": problem.query, "labels": problem.query}

@@ -24,6 +24,9 @@ The problem (``make_problem(seed, steps)``; import it to build the identical run
   float32 (``run_bergson(dtype=torch.float64)`` / the reference cast it with ``.to``).
   Input and output embeddings are separate tensors (untied). bergson itself would load the
   model with ``attn_implementation="eager"`` too (its ``prepare_trainer``).
+  ``make_problem(seed, steps, batch_size, **shape)`` resizes it: ``shape=LM100M`` (15 layers,
+  12 heads, width 768: 106,540,800 parameters) is the same LM at the 100M scale
+  (``benchmarks/bench_lm100m_bergson.py``); the data and the batch order do not change.
 * **Data**: a seeded random bigram chain over the 128 tokens. With
   ``g = torch.Generator().manual_seed(seed + 1)``: ``P = softmax(3 * randn(128, 128, g), -1)``;
   320 first tokens ``randint(0, 128, (320,), g)``; then for positions 1..31, in order,
@@ -105,10 +108,12 @@ from torch.func import functional_call
 
 __all__ = [
     "BATCH_SIZE",
+    "LM100M",
     "N_QUERY",
     "N_TRAIN",
     "OPTIMIZERS",
     "SEQ_LEN",
+    "SMALL",
     "VOCAB",
     "Problem",
     "full_unroll_reference",
@@ -143,14 +148,19 @@ OPTIMIZERS: dict[str, dict[str, Any]] = {
 # ------------------------------------------------------------------------------------ problem
 
 
-def make_config() -> Any:
-    """The GPT-2 configuration (2 layers, 2 heads, width 64, vocab 128, context 32, untied)."""
+#: The model's shape: ``make_config``'s defaults; ``LM100M`` is the same LM at 106.5M parameters.
+SMALL = {"layers": 2, "heads": 2, "width": 64}
+LM100M = {"layers": 15, "heads": 12, "width": 768}
+
+
+def make_config(layers: int = 2, heads: int = 2, width: int = 64) -> Any:
+    """The GPT-2 configuration (default 2 layers, 2 heads, width 64; vocab 128, context 32, untied)."""
     from transformers import GPT2Config
 
     return GPT2Config(
-        n_layer=2,
-        n_head=2,
-        n_embd=64,
+        n_layer=layers,
+        n_head=heads,
+        n_embd=width,
         vocab_size=VOCAB,
         n_positions=SEQ_LEN,
         n_ctx=SEQ_LEN,
@@ -165,8 +175,8 @@ def make_config() -> Any:
     )
 
 
-def make_model(seed: int = 0) -> torch.nn.Module:
-    """``GPT2LMHeadModel`` with transformers' random init after ``torch.manual_seed(seed)``.
+def make_model(seed: int = 0, **shape: int) -> torch.nn.Module:
+    """``GPT2LMHeadModel(make_config(**shape))``, transformers' random init after ``manual_seed(seed)``.
 
     The global RNG is restored afterwards (``fork_rng``). float32, ``eval()`` mode.
     """
@@ -178,7 +188,7 @@ def make_model(seed: int = 0) -> torch.nn.Module:
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = GPT2LMHeadModel(make_config())
+            model = GPT2LMHeadModel(make_config(**shape))
     finally:
         hf_logging.set_verbosity(verbosity)
     model.eval()
@@ -198,26 +208,35 @@ def make_tokens(seed: int = 0) -> tuple[Tensor, Tensor]:
     return tokens[:N_TRAIN].clone(), tokens[N_TRAIN:].clone()
 
 
-def make_batches(seed: int = 0, steps: int = 1000) -> list[Tensor]:
+def make_batches(seed: int = 0, steps: int = 1000, batch_size: int = BATCH_SIZE) -> list[Tensor]:
     """Per-step training-row indices: consecutive ``randperm(256)`` epochs, 16 rows a step."""
     h = torch.Generator().manual_seed(seed + 2)
-    per_epoch = N_TRAIN // BATCH_SIZE
+    per_epoch = N_TRAIN // batch_size
     epochs = -(-steps // per_epoch)
     order = torch.cat([torch.randperm(N_TRAIN, generator=h) for _ in range(epochs)])
-    return [order[t * BATCH_SIZE : (t + 1) * BATCH_SIZE].clone() for t in range(steps)]
+    return [order[t * batch_size : (t + 1) * batch_size].clone() for t in range(steps)]
 
 
 class Problem(NamedTuple):
     model: torch.nn.Module
     train: Tensor  # (256, 32) int64
     query: Tensor  # (64, 32) int64
-    batches: list[Tensor]  # steps x (16,) int64 rows of ``train``
+    batches: list[Tensor]  # steps x (batch size,) int64 rows of ``train``
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.batches[0])
 
 
-def make_problem(seed: int = 0, steps: int = 1000) -> Problem:
-    """``(model, train, query, batches)``; see the module docstring for the exact definition."""
+def make_problem(
+    seed: int = 0, steps: int = 1000, batch_size: int = BATCH_SIZE, **shape: int
+) -> Problem:
+    """``(model, train, query, batches)``; see the module docstring for the exact definition.
+
+    ``shape`` (``layers``, ``heads``, ``width``) sizes the model; the data do not depend on it.
+    """
     train, query = make_tokens(seed)
-    return Problem(make_model(seed), train, query, make_batches(seed, steps))
+    return Problem(make_model(seed, **shape), train, query, make_batches(seed, steps, batch_size))
 
 
 def _per_sequence_ce(logits: Tensor, tokens: Tensor) -> Tensor:
@@ -261,6 +280,8 @@ def full_unroll_reference(
     seed: int = 0,
     dtype: torch.dtype = torch.float64,
     lr: float | None = None,
+    batch_size: int = BATCH_SIZE,
+    shape: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     """The same metagradient by plain autograd through the whole unrolled run.
 
@@ -270,7 +291,7 @@ def full_unroll_reference(
     meant for small T (8). Returns ``{"data_weight_grad": (256,) numpy, "val_loss": float}``.
     """
     hp = _hyper(optimizer, lr)
-    model, train, query, batches = make_problem(seed, steps)
+    model, train, query, batches = make_problem(seed, steps, batch_size, **(shape or {}))
     model = model.to(dtype)
     params = {k: v.detach().clone().requires_grad_(True) for k, v in model.named_parameters()}
     weights = torch.ones(N_TRAIN, dtype=dtype, requires_grad=True)
@@ -415,11 +436,11 @@ class _Run:
         train_ds = Dataset.from_dict(
             {"input_ids": problem.train[rows].tolist(), "doc_ids": rows.tolist()}
         )
-        self.stream = DataStream(train_ds, BATCH_SIZE, device="cpu", weight_shape=(N_TRAIN,))
+        self.stream = DataStream(train_ds, problem.batch_size, device="cpu", weight_shape=(N_TRAIN,))
         self.stream.weights = torch.nn.Parameter(torch.ones(N_TRAIN, dtype=dtype))
         self.stream.requires_grad = False
         query_ds = Dataset.from_dict({"input_ids": problem.query.tolist()})
-        self.query_stream = DataStream(query_ds, BATCH_SIZE, device="cpu", weight_shape=(N_QUERY,))
+        self.query_stream = DataStream(query_ds, problem.batch_size, device="cpu", weight_shape=(N_QUERY,))
         self.trainer, self.state = Trainer.initialize(model, _torchopt_optimizer(optimizer, hp))
         self.model = model
         assert len(self.stream) == steps
@@ -481,7 +502,7 @@ def _torch_train(
             momentum=hp["momentum"],
             weight_decay=hp["weight_decay"],
         )
-    weights = torch.ones(BATCH_SIZE, dtype=dtype)
+    weights = torch.ones(problem.batch_size, dtype=dtype)
     start = time.perf_counter()
     for t in range(steps):
         x = problem.train[problem.batches[t]]
@@ -503,8 +524,13 @@ def run_bergson(
     warmup_steps: int = 3,
     torch_baseline: bool = True,
     default_dtype_follows: bool = True,
+    batch_size: int = BATCH_SIZE,
+    shape: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     """Time bergson's plain training and its full MAGIC metagradient on the problem.
+
+    ``batch_size`` and ``shape`` (``make_config``'s ``layers``, ``heads``, ``width``; e.g.
+    ``LM100M``) resize the problem; the defaults are the module docstring's.
 
     Returns ``train_s`` (bergson ``Trainer.train`` without checkpoints), ``metagrad_s``
     (forward with checkpoints + query gradient + ``Trainer.backward``) and its parts,
@@ -517,7 +543,7 @@ def run_bergson(
     if threads is not None:
         torch.set_num_threads(threads)
     os.environ.setdefault("TQDM_DISABLE", "1")
-    problem = make_problem(seed, max(steps, warmup_steps))
+    problem = make_problem(seed, max(steps, warmup_steps), batch_size, **(shape or {}))
     own_dir = workdir is None
     base = tempfile.mkdtemp(prefix="peer_bergson_") if own_dir else workdir
     os.makedirs(base, exist_ok=True)
@@ -530,6 +556,8 @@ def run_bergson(
         "dtype": str(dtype).removeprefix("torch."),
         "threads": torch.get_num_threads(),
         "lr": hp["lr"],
+        "batch_size": batch_size,
+        "shape": {**SMALL, **(shape or {})},
         "train_call": "bergson.magic.Trainer.train(state, stream, inplace=True) (no save_dir)",
     }
     try:
