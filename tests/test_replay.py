@@ -467,3 +467,42 @@ def test_training_forward_equals_functional_call_and_leaves_the_model_alone(digi
     trainer.run()
     for name, p in model.named_parameters():
         assert torch.equal(p, before[name]) and isinstance(p, nn.Parameter), name
+
+
+def test_seeded_grad_is_autograd_grad_with_grad_outputs_bit_for_bit():
+    from mgd.step import seeded_grad
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(7, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    with torch.enable_grad():
+        outputs = [torch.tanh(x @ w), (x**2).sum(), torch.sin(w)]
+    seeds = [torch.randn(o.shape, generator=g, dtype=torch.float64) for o in outputs]
+    expected = torch.autograd.grad(outputs, (x, w), seeds, retain_graph=True)
+    got = seeded_grad(outputs, (x, w), seeds)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
+def test_a_metagradient_pass_does_not_import_sympy():
+    """torch imports sympy (30 MB resident) when autograd.grad first sees grad_outputs.
+
+    (Not the mixed mode: torch's forward-mode rule for cross-entropy goes through a
+    decomposition that imports torch._dynamo.)"""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch, mgd\n"
+        "from mgd.data import load_dataset\n"
+        "from conftest import OPTIMIZERS, tiny_problem\n"
+        "digits = load_dataset('digits')\n"
+        "for make, lr in OPTIMIZERS.values():\n"
+        "    run, objective = tiny_problem(digits, make(), steps=6, lr=lr)\n"
+        "    for vjp in ('double-backward', 'fused'):\n"
+        "        mgd.metagradient(run, objective, vjp=vjp)\n"
+        "print('torch.fx.experimental.symbolic_shapes' in sys.modules, 'sympy' in sys.modules)\n"
+    )
+    here = str(__import__("pathlib").Path(__file__).parent)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=here, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-2:] == ["False", "False"]

@@ -749,8 +749,8 @@ class TrainingRun:
             local_bar = {name: torch.zeros_like(leaves[name]) for name in wrt}
             if outputs and wrt:
                 # retain_graph: a metaparameter's own graph may be walked again (data weights)
-                extra = torch.autograd.grad(outputs, [leaves[name] for name in wrt], seeds,
-                                            allow_unused=True, retain_graph=True)
+                extra = seeded_grad(outputs, [leaves[name] for name in wrt], seeds, allow_unused=True,
+                                    retain_graph=True)
                 add_into(local_bar, wrt, extra)
             g_bar, theta_bar, moments_bar = vjp.grad, vjp.params, tuple(vjp.state)
         else:
@@ -765,7 +765,7 @@ class TrainingRun:
                 targets = (g, theta, *moments, *(leaves[name] for name in wrt))
                 # retain_graph: a metaparameter's own graph (e.g. lr knots) may be walked again
                 grads = zeros_for_none(
-                    torch.autograd.grad(outputs, targets, adjoint[: len(outputs)], allow_unused=True, retain_graph=True),
+                    seeded_grad(outputs, targets, adjoint[: len(outputs)], allow_unused=True, retain_graph=True),
                     targets,
                 )
             g_bar, theta_bar, moments_bar = grads[0], grads[1], tuple(grads[2 : 2 + n])
@@ -799,11 +799,29 @@ def once_differentiable_function(loss: Tensor) -> str | None:
     return None
 
 
+def seeded_grad(outputs: Sequence[Tensor], inputs: Sequence[Tensor], seeds: Sequence[Tensor], **options):
+    r"""``torch.autograd.grad(outputs, inputs, seeds, **options)``, computed as the gradient of
+    the scalar :math:`\sum_k \langle o_k, s_k \rangle`.
+
+    The numbers are the same bit for bit: the scalar's backward hands output ``k`` exactly
+    ``1 · s_k`` (``dot``'s and ``add``'s derivatives). Passing ``grad_outputs`` instead makes
+    torch (``autograd._make_grads``) import ``torch.fx.experimental.symbolic_shapes`` and sympy
+    the first time, 30 MB of resident memory that a metagradient pass does not otherwise need.
+    """
+    total = None
+    for output, seed in zip(outputs, seeds):
+        term = torch.dot(output.reshape(-1), seed.reshape(-1))
+        total = term if total is None else total + term
+    return torch.autograd.grad(total, inputs, **options)
+
+
 def second_backward(outputs, inputs, grad_outputs, **options):
-    """``torch.autograd.grad`` through a recorded gradient, with a clear error for
-    operations whose backward has no derivative (fused attention kernels, ...)."""
+    """:func:`seeded_grad` through a recorded gradient, with a clear error for operations
+    whose backward has no derivative (fused attention kernels, ...)."""
     try:
-        return torch.autograd.grad(outputs, inputs, grad_outputs, **options)
+        if grad_outputs is None:
+            return torch.autograd.grad(outputs, inputs, **options)
+        return seeded_grad(outputs, inputs, grad_outputs, **options)
     except RuntimeError as error:
         text = str(error)
         if ("derivative for" in text and "not implemented" in text) or "differentiate twice" in text:

@@ -57,7 +57,7 @@ from mgd.batches import tree_leaves, tree_map
 from mgd.distributed import first_line
 from mgd.errors import UserError
 from mgd.step import (
-    GradGraph, TrainingRun, TrainState, add_into, metaparameter_leaves, second_backward, second_order_grad,
+    GradGraph, TrainingRun, TrainState, add_into, metaparameter_leaves, second_backward, second_order_grad, seeded_grad,
     zeros_for_none,
 )
 
@@ -302,6 +302,6 @@ def mixed_mode_vjp(
     extra: Sequence[Tensor | None] = [None] * len(wrt)
     if weights is not None and weights.requires_grad and all(t is not None for t in tangents):
         weight_bar = torch.cat([t.detach() for t in tangents]) / (constant.batch_size or len(inputs.index))
-        extra = torch.autograd.grad(weights, [leaves[name] for name in wrt], weight_bar, allow_unused=True)
+        extra = seeded_grad([weights], [leaves[name] for name in wrt], [weight_bar], allow_unused=True)
     adjoint_t = (theta_bar, *moments_bar, torch.zeros_like(buffers))
     return VJPResult(adjoint_t, update_bar, _loss_bar(wrt, leaves, extra), torch.cat(primals))
