@@ -299,6 +299,23 @@ def test_dropout_metagradient_is_exact_under_store_everything(digits):
     assert_exact(run, objective, mgd.metagradient(run, objective, mode="unrolled"))
 
 
+def test_run_equals_plain_steps_that_apply_every_kind(digits):
+    """run() skips kinds at an exact identity and seeds the RNG without restoring it per step;
+    neither may change a bit against steps that apply every kind, each in its own RNG block."""
+    run = zoo_run("dropout", digits)[0].replaced(metaparams=["data_weights", "lr", "lr_knots", "weight_decay"])
+    meta = run.check_meta({})
+    assert run.neutral_kinds(meta) == {"data_weights", "lr", "lr_knots"}  # weight decay: never skipped
+    state = run.init_state()
+    for _ in range(run.steps):
+        state = run.take_step(state, meta).state
+    final = run.run()
+    assert all(torch.equal(a, b) for a, b in zip(final.tensors(), state.tensors()))
+    changed = {**meta, "data_weights": meta["data_weights"].clone().index_fill_(0, torch.tensor([3]), 2.0),
+               "lr": meta["lr"] * 0.5, "lr_knots": meta["lr_knots"] + 0.1}
+    assert run.neutral_kinds(changed) == frozenset()
+    assert not torch.equal(run.run(changed).params, final.params)
+
+
 def test_dropout_masks_repeat_and_the_global_rng_is_untouched(digits):
     run, _ = zoo_run("dropout", digits)
     torch.manual_seed(123)

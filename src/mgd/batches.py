@@ -21,6 +21,7 @@ how per-example metaparameters (poisons) reach "any float field of an example".
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Sequence, Union
 
 import numpy as np
@@ -290,6 +291,7 @@ def _splitmix64(x: int) -> int:
 MODEL_STREAM, AUGMENT_STREAM = 1, 2
 
 
+@functools.lru_cache(maxsize=1 << 16)  # a pure function, asked for at every step and replay
 def step_seed(seed: int, step: int, rank: int, stream: int, chunk: int = 0) -> int:
     """A 63-bit seed for ``(run seed, step, rank, stream, micro-batch)``: splitmix64 over them.
 

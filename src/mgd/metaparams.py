@@ -1,9 +1,11 @@
 """Metaparameters: named tensors ``z`` that shape training and whose metagradient we return.
 
-A metaparameter kind is a small object with four methods (``method.md`` §3.3):
+A metaparameter kind is a small object with these methods (``method.md`` §3.3):
 
 * ``default(run)``: its neutral value (training is unchanged at it);
 * ``check(value, run)``: raise :class:`~mgd.errors.UserError` for a bad value;
+* ``neutral(value)`` (optional): whether the value is an exact identity (all-one weights), which
+  a step that records no graph skips;
 * ``local(value, step, index)``: the slice step ``step`` reads (differentiable in ``value``),
   e.g. ``value[step]`` for per-step LR multipliers or ``value[index]`` for per-example weights;
 * ``apply(local, inputs, step, run)``: return the :class:`StepInputs` changed by it;
@@ -140,6 +142,13 @@ class MetaParam(ABC):
     def apply(self, local: Tensor, inputs: StepInputs, step: int, run: RunInfo) -> StepInputs:
         """How the slice changes what the step consumes."""
 
+    def neutral(self, value: Tensor) -> bool:
+        """Whether acting with ``value`` changes no number a step computes, bit for bit (a
+        multiplier of exactly one), so that a step recording no graph may skip this kind.
+
+        ``False`` unless a kind knows better: the default is always safe."""
+        return False
+
     def check_run(self, run: RunInfo) -> None:
         """Raise :class:`~mgd.errors.UserError` if this kind cannot act on the run (called once,
         when the run is built)."""
@@ -211,6 +220,9 @@ class LRMultipliers(PerStep):
     def apply(self, local: Tensor, inputs: StepInputs, step: int, run: RunInfo) -> StepInputs:
         return replace(inputs, lr=inputs.lr * local)
 
+    def neutral(self, value: Tensor) -> bool:
+        return bool((value == 1).all())  # η · 1 = η exactly
+
 
 @dataclass(frozen=True)
 class LRKnots(Global):
@@ -247,6 +259,9 @@ class LRKnots(Global):
         log_multiplier = local[j] if alpha == 0.0 else (1.0 - alpha) * local[j] + alpha * local[j + 1]
         return replace(inputs, lr=inputs.lr * torch.exp(log_multiplier))
 
+    def neutral(self, value: Tensor) -> bool:
+        return bool((value == 0).all())  # (1-α)·0 + α·0 = 0 and exp(0) = 1 exactly
+
 
 class DataWeights(PerExample):
     """``data_weights``: per-example loss weights (default all ones)."""
@@ -262,6 +277,9 @@ class DataWeights(PerExample):
     def apply(self, local: Tensor, inputs: StepInputs, step: int, run: RunInfo) -> StepInputs:
         weights = local if inputs.example_weights is None else inputs.example_weights * local
         return replace(inputs, example_weights=weights)
+
+    def neutral(self, value: Tensor) -> bool:
+        return bool((value == 1).all())  # 1 · ℓ_i = ℓ_i exactly: the same as no weights
 
 
 class WeightDecay(Global):

@@ -65,7 +65,7 @@ from mgd.resumable import PassProgress
 from mgd.distributed import check_replicated
 from mgd.errors import ReplayDivergedError, UserError
 from mgd.memory import default_memory_budget, format_bytes, step_graph_bytes
-from mgd.step import GradGraph, TrainingRun, TrainState, math_attention
+from mgd.step import GradGraph, TrainingRun, TrainState, math_attention, restored_rng
 from mgd.step_vjp import StepVJP, VJPResult, double_backward_vjp, mixed_mode_vjp, pull_back
 
 __all__ = [
@@ -771,6 +771,8 @@ def _passes(run, objective, values, wrt, plan, checkpoints, saved, s0, state_byt
     graphs: dict[int, GradGraph] = {}
     cached_grads: dict[int, Tensor] = {}
     fused_checked = False
+    # kinds at an exact identity (all-one weights): steps without a graph skip them, same bits
+    neutral = run.neutral_kinds(values)
 
     def advance(state: TrainState, keep_work: bool) -> tuple[TrainState, Tensor]:
         nonlocal fused, fused_checked, used_vjp
@@ -781,7 +783,7 @@ def _passes(run, objective, values, wrt, plan, checkpoints, saved, s0, state_byt
             if not fused_checked:  # NOTE [fused fallback]: one synchronisation, once
                 fused_checked = True
                 if not (torch.equal(_fingerprint(new), forward_fp[t + 1]) and bool(_bits(graph.losses) == loss_fp[t])):
-                    result = run.take_step(state, values)
+                    result = run.take_step(state, values, neutral)
                     # Only if the plain step reproduces the forward pass is the fused arithmetic
                     # to blame; otherwise the replay itself diverged (reported at the end).
                     if torch.equal(_fingerprint(result.state), forward_fp[t + 1]):
@@ -795,7 +797,7 @@ def _passes(run, objective, values, wrt, plan, checkpoints, saved, s0, state_byt
             graphs[t] = graph
             note_live()
             return new, graph.losses
-        result = run.take_step(state, values)
+        result = run.take_step(state, values, neutral)
         if keep_work and mixed and t >= first_step:
             cached_grads[t] = result.grad
         return result.state, result.losses
@@ -805,33 +807,34 @@ def _passes(run, objective, values, wrt, plan, checkpoints, saved, s0, state_byt
     ) -> TrainState:
         keep = set(store)
         state = start
-        while state.step < stop:
-            state, losses = advance(state, leaf)
-            t = state.step
-            fp, lf = _fingerprint(state), _bits(losses)
-            if phase == "forward":
-                forward_fp[t] = fp
-                loss_fp[t - 1] = lf
-                loss_sums[t - 1] = losses.sum()
-            else:
-                state_diverged[t] |= (fp != forward_fp[t]).any()
-                step_diverged[t - 1] |= lf != loss_fp[t - 1]
-            if trace is not None:
-                trace.events.append((phase, t))
-                if trace.keep_states:
-                    if phase == "forward":
-                        trace.forward_states[t] = state.detached()
-                    else:
-                        trace.replayed_states.setdefault(t, []).append(state.detached())
-            if t in keep:
-                # Steps are out-of-place, so the state object is never written again and
-                # can be stored without a copy.
-                checkpoints[t] = state
-                note_live()
+        with restored_rng(device):  # nothing of the user's runs between these steps
+            while state.step < stop:
+                state, losses = advance(state, leaf)
+                t = state.step
+                fp, lf = _fingerprint(state), _bits(losses)
                 if phase == "forward":
-                    record_forward(t)
-            if progress is not None:
-                progress(phase, 1)
+                    forward_fp[t] = fp
+                    loss_fp[t - 1] = lf
+                    loss_sums[t - 1] = losses.sum()
+                else:
+                    state_diverged[t] |= (fp != forward_fp[t]).any()
+                    step_diverged[t - 1] |= lf != loss_fp[t - 1]
+                if trace is not None:
+                    trace.events.append((phase, t))
+                    if trace.keep_states:
+                        if phase == "forward":
+                            trace.forward_states[t] = state.detached()
+                        else:
+                            trace.replayed_states.setdefault(t, []).append(state.detached())
+                if t in keep:
+                    # Steps are out-of-place, so the state object is never written again and
+                    # can be stored without a copy.
+                    checkpoints[t] = state
+                    note_live()
+                    if phase == "forward":
+                        record_forward(t)
+                if progress is not None:
+                    progress(phase, 1)
         return state
 
     def record_forward(t: int) -> None:

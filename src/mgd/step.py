@@ -49,7 +49,7 @@ from __future__ import annotations
 import math
 import threading
 import weakref
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator, Mapping, Sequence, Union
 
@@ -173,19 +173,55 @@ def math_attention() -> Iterator[None]:
         _ATTENTION.active = False
 
 
-@contextmanager
-def seeded_rng(seed: int, device: torch.device) -> Iterator[None]:
-    """Seed torch's CPU generator (and ``device``'s, on CUDA) for a block, then restore them."""
+_RNG_SCOPE = threading.local()
+
+
+def _generators(device: torch.device) -> list[torch.Generator]:
     generators = [torch.default_generator]
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         generators.append(torch.cuda.default_generators[index])
+    return generators
+
+
+@contextmanager
+def seeded_rng(seed: int, device: torch.device) -> Iterator[None]:
+    """Seed torch's CPU generator (and ``device``'s, on CUDA) for a block, then restore them.
+
+    Inside :func:`restored_rng` for the same device the block only seeds: the scope restores
+    the generators once at its end, which saves copying their states at every step.
+    """
+    generators = _generators(device)
+    if getattr(_RNG_SCOPE, "device", None) == device:
+        for g in generators:
+            g.manual_seed(seed)
+        yield
+        return
     saved = [g.get_state() for g in generators]
     for g in generators:
         g.manual_seed(seed)
     try:
         yield
     finally:
+        for g, state in zip(generators, saved):
+            g.set_state(state)
+
+
+@contextmanager
+def restored_rng(device: torch.device) -> Iterator[None]:
+    """Save torch's generators once around many :func:`seeded_rng` blocks and restore them at
+    the end. Only for loops that run nothing random of the user's between those blocks: the
+    generators hold the last block's state there. Re-entrant."""
+    if getattr(_RNG_SCOPE, "device", None) is not None:
+        yield
+        return
+    generators = _generators(device)
+    saved = [g.get_state() for g in generators]
+    _RNG_SCOPE.device = device
+    try:
+        yield
+    finally:
+        _RNG_SCOPE.device = None
         for g, state in zip(generators, saved):
             g.set_state(state)
 
@@ -328,8 +364,11 @@ class TrainingRun:
         self.order = BatchOrder(len(self.data), self.batch_size, self.seed, device=self.device)
         self._batch_order = batch_order
         self._shard_cache: tuple[int, Tensor] | None = None
+        self._lr_cache: tuple[float, Tensor] | None = None
         self._arguments["data"] = self.data
         self.metaparams = resolve_metaparams(metaparams)
+        # kinds that append examples act last, so the others see only the minibatch's own rows
+        self._apply_order = sorted(self.metaparams, key=lambda n: getattr(self.metaparams[n], "appends_examples", False))
         self._check_appending_kinds()
         self.info = RunInfo(self.steps, len(self.data), self.dtype, self.device, self.lr, self.weight_decay, self.data)
         for mp in self.metaparams.values():
@@ -474,6 +513,14 @@ class TrainingRun:
         self._shard_cache = (step, index)
         return index
 
+    def _lr_tensor(self, lr: float) -> Tensor:
+        """``lr`` as a 0-dim tensor; the last one is reused (a constant LR needs only one, and
+        nothing writes to it)."""
+        cached = self._lr_cache
+        if cached is None or cached[0] != lr:
+            cached = self._lr_cache = (lr, torch.tensor(lr, dtype=self.dtype, device=self.device))
+        return cached[1]
+
     def base_lr(self, step: int) -> float:
         """``η · s(t) · warm-up(t)``: the learning rate before any metaparameter acts."""
         lr = self.lr
@@ -493,13 +540,13 @@ class TrainingRun:
             index=index,
             batch=self.data.batch(index),
             example_weights=None,
-            lr=torch.tensor(self.base_lr(step), dtype=self.dtype, device=self.device),
+            lr=self._lr_tensor(self.base_lr(step)),
             weight_decay=self.weight_decay,
             batch_size=self.batch_size,
         )
-        # kinds that append examples act last, so the others see only the minibatch's own rows
-        for name, mp in sorted(self.metaparams.items(), key=lambda item: getattr(item[1], "appends_examples", False)):
-            inputs = mp.apply(local[name], inputs, step, self.info)
+        for name in self._apply_order:
+            if name in local:  # a step without a graph leaves neutral kinds out (neutral_kinds)
+                inputs = self.metaparams[name].apply(local[name], inputs, step, self.info)
         if self.augment is not None:
             generator = torch.Generator(device=self.device)
             generator.manual_seed(step_seed(self.seed, step, self.collective.rank, AUGMENT_STREAM))
@@ -529,9 +576,18 @@ class TrainingRun:
             values[name] = value
         return values
 
-    def local_meta(self, meta: Mapping[str, Tensor], step: int) -> dict[str, Tensor]:
+    def local_meta(self, meta: Mapping[str, Tensor], step: int, skip: frozenset[str] = frozenset()) -> dict[str, Tensor]:
+        """Each kind's slice for step ``step`` (but those in ``skip``)."""
         index = self.shard_indices(step)
-        return {name: mp.local(meta[name], step, index) for name, mp in self.metaparams.items()}
+        return {name: mp.local(meta[name], step, index) for name, mp in self.metaparams.items() if name not in skip}
+
+    def neutral_kinds(self, meta: Mapping[str, Tensor]) -> frozenset[str]:
+        """The kinds whose values in ``meta`` are exact identities (:meth:`MetaParam.neutral`).
+
+        A step without a graph may leave them out (``take_step(skip=)``) and computes the same
+        bits: multiplying by exactly one changes no number. Steps that record a graph keep them,
+        as their metagradient is needed."""
+        return frozenset(name for name, mp in self.metaparams.items() if mp.neutral(meta[name]))
 
     def sum_over_ranks(self, tensor: Tensor) -> Tensor:
         """``Σ_r tensor_r`` over the data-parallel ranks (``tensor`` itself with one process)."""
@@ -556,7 +612,8 @@ class TrainingRun:
         whole = (a, b) == (0, len(inputs.index))
         batch = inputs.batch if whole else tree_map(lambda t: t[a:b], inputs.batch)
         args, kwargs = self.inputs_of(batch)
-        calls = step * len(self.chunks(inputs)) + chunk
+        size = len(inputs.index) if self.micro_batch is None else min(self.micro_batch, len(inputs.index))
+        calls = step * -(-len(inputs.index) // size) + chunk  # calls before: steps times chunks per step
         seed = step_seed(self.seed, step, self.collective.rank, MODEL_STREAM, chunk)
         with math_attention(), seeded_rng(seed, self.device):
             out, new_buffers = self.stateless.train_call(params, buffers, args, kwargs, calls)
@@ -623,13 +680,15 @@ class TrainingRun:
             )
         return TrainState(new_params, tuple(new_opt), new_buffers.detach(), state.step + 1)
 
-    def take_step(self, state: TrainState, meta: Mapping[str, Tensor]) -> StepResult:
-        """:meth:`step`, also returning the gradient and the per-example losses it used."""
+    def take_step(self, state: TrainState, meta: Mapping[str, Tensor], skip: frozenset[str] = frozenset()) -> StepResult:
+        """:meth:`step`, also returning the gradient and the per-example losses it used.
+
+        ``skip``: kinds left out, a subset of :meth:`neutral_kinds` (the same bits, less work)."""
         t = state.step
         if t >= self.steps:
             raise IndexError(f"step {t} is past the end of training (T={self.steps})")
         with torch.no_grad():
-            inputs = self.step_inputs(t, self.local_meta(meta, t))
+            inputs = self.step_inputs(t, self.local_meta(meta, t, skip))
         grad, new_buffers, losses = self.gradient(state, inputs)
         return StepResult(self.update(state, grad, inputs, new_buffers), grad, losses)
 
@@ -690,9 +749,13 @@ class TrainingRun:
         state = self.init_state() if state is None else state
         until = self.steps if until is None else until
         sums = []
-        with math_attention():
+        skip = self.neutral_kinds(meta)
+        # one save and restore of torch's generators for the whole loop, unless a callback
+        # (the user's code) runs between the steps
+        rng = restored_rng(self.device) if callback is None else nullcontext()
+        with math_attention(), rng:
             while state.step < until:
-                result = self.take_step(state, meta)
+                result = self.take_step(state, meta, skip)
                 sums.append(result.losses.sum())
                 state = result.state
                 if callback is not None:
