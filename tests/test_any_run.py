@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -314,6 +315,21 @@ def test_run_equals_plain_steps_that_apply_every_kind(digits):
                "lr": meta["lr"] * 0.5, "lr_knots": meta["lr_knots"] + 0.1}
     assert run.neutral_kinds(changed) == frozenset()
     assert not torch.equal(run.run(changed).params, final.params)
+
+
+def test_run_never_bypasses_an_update_a_subclass_overrides(digits):
+    """run() writes states in place through the optimizer's update_in_place, but only when the
+    class that defines update defines it too."""
+
+    @dataclass(frozen=True)
+    class Frozen(mgd.SGD):
+        def update(self, grad, params, state, **kwargs):
+            return params.clone(), tuple(t.clone() for t in state)
+
+    run, _ = zoo_run("layernorm", digits, optimizer=Frozen(momentum=0.9))
+    assert torch.equal(run.run().params, run.init_state().params)
+    trained, _ = zoo_run("layernorm", digits)
+    assert not torch.equal(trained.run().params, trained.init_state().params)
 
 
 def test_dropout_masks_repeat_and_the_global_rng_is_untouched(digits):

@@ -121,7 +121,7 @@ IN_PLACE_CASES = [
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("opt", IN_PLACE_CASES, ids=lambda o: repr(o))
-def test_update_without_a_graph_gives_the_graphs_bits_in_fresh_tensors(opt, dtype):
+def test_update_without_a_graph_gives_the_graphs_bits_in_fresh_or_donated_tensors(opt, dtype):
     """With no graph to record, updates write their temporaries in place; the result must be the
     recorded expression's, bit for bit, and share no storage with the inputs (checkpoints)."""
     gen = torch.Generator().manual_seed(0)
@@ -137,3 +137,9 @@ def test_update_without_a_graph_gives_the_graphs_bits_in_fresh_tensors(opt, dtyp
             for a, b in zip((fast[0], *fast[1]), (graph[0], *graph[1])):
                 assert torch.equal(a, b.detach())
                 assert all(a.data_ptr() != t.data_ptr() for t in (grad, params, *state))
+            # donated: the same bits, written into the given tensors
+            given = (params.clone(), tuple(t.clone() for t in state))
+            with torch.no_grad():
+                donated = opt.update_in_place(grad, *given, step=3, lr=lr, weight_decay=weight_decay)
+            for a, b, into in zip((donated[0], *donated[1]), (fast[0], *fast[1]), (given[0], *given[1])):
+                assert torch.equal(a, b) and a.data_ptr() == into.data_ptr()

@@ -6,9 +6,11 @@ Each optimizer is a frozen dataclass with pure methods, in the style of optax:
 * ``update(grad, params, state, *, step, lr, weight_decay) -> (params, state)``;
 * ``update_vjp(...)``: the update's vector-Jacobian product in closed form (:class:`UpdateVJP`),
   which the reverse pass uses instead of running autograd over the update's dozen
-  elementwise operations (it is checked against autograd in float64).
+  elementwise operations (it is checked against autograd in float64);
+* ``update_in_place(...)`` (optional): ``update`` with no graph, written into the given
+  tensors, for training loops that give up the old state (``TrainingRun.run``).
 
-Nothing is updated in place, so autograd can differentiate a step with respect to the
+``update`` updates nothing in place, so autograd can differentiate a step with respect to the
 parameters, the optimizer state, the learning rate and the weight decay, which is what the
 REPLAY reverse pass needs. ``lr`` and ``weight_decay`` may be Python floats or 0-dim tensors
 (metaparameters). ``step`` is the 0-based index of the step being taken.
@@ -146,16 +148,26 @@ class SGD:
         direction = grad + self.momentum * buf if self.nesterov else buf
         return params - lr * direction, (buf,)
 
-    def _update_in_place(self, grad, params, state, lr, weight_decay):
-        """:meth:`update`'s expressions, term for term, with in-place temporaries."""
+    def update_in_place(
+        self, grad: Tensor, params: Tensor, state: tuple[Tensor, ...], *, step: int, lr: Scalar,
+        weight_decay: Scalar = 0.0,
+    ) -> tuple[Tensor, tuple[Tensor, ...]]:
+        """:meth:`update` with no graph, writing the new state into ``params`` and ``state``
+        (which the caller gives up, as ``torch.optim`` does): the same operations, the same bits."""
+        del step
+        return self._update_in_place(grad, params, state, lr, weight_decay, donated=True)
+
+    def _update_in_place(self, grad, params, state, lr, weight_decay, donated=False):
+        """:meth:`update`'s expressions, term for term, with in-place temporaries; ``donated``:
+        into the given tensors instead of fresh ones."""
         if not _is_zero(weight_decay):
             grad = torch.mul(params, weight_decay).add_(grad)  # grad + λθ
         if not self.momentum:
             change = torch.mul(grad, lr)
-            return torch.sub(params, change, out=change), ()
-        buf = torch.mul(state[0], self.momentum).add_(grad)  # μ·buf + g
+            return (params.sub_(change) if donated else torch.sub(params, change, out=change)), ()
+        buf = (state[0].mul_(self.momentum) if donated else torch.mul(state[0], self.momentum)).add_(grad)  # μ·buf + g
         change = torch.mul(buf, self.momentum).add_(grad).mul_(lr) if self.nesterov else torch.mul(buf, lr)
-        return torch.sub(params, change, out=change), (buf,)
+        return (params.sub_(change) if donated else torch.sub(params, change, out=change)), (buf,)
 
     def update_vjp(
         self,
@@ -266,21 +278,34 @@ class Adam:
         denom = root / math.sqrt(bias2) + self.eps
         return params - (lr / bias1) * (exp_avg / denom), (exp_avg, exp_avg_sq)
 
-    def _update_in_place(self, grad, params, state, lr, weight_decay, bias1, bias2):
+    def update_in_place(
+        self, grad: Tensor, params: Tensor, state: tuple[Tensor, ...], *, step: int, lr: Scalar,
+        weight_decay: Scalar = 0.0,
+    ) -> tuple[Tensor, tuple[Tensor, ...]]:
+        """:meth:`update` with no graph, writing the new state into ``params`` and ``state``
+        (which the caller gives up, as ``torch.optim`` does): the same operations, the same bits."""
+        count = step + 1
+        return self._update_in_place(grad, params, state, lr, weight_decay, 1.0 - self.beta1**count,
+                                     1.0 - self.beta2**count, donated=True)
+
+    def _update_in_place(self, grad, params, state, lr, weight_decay, bias1, bias2, donated=False):
         """:meth:`update`'s expressions, term for term, with in-place temporaries (about half
-        the time on a large model, where the update is memory-bound)."""
+        the time on a large model, where the update is memory-bound); ``donated``: into the
+        given tensors instead of fresh ones."""
         exp_avg, exp_avg_sq = state
         if not _is_zero(weight_decay):
             if self.decoupled:
-                params = params * (1.0 - lr * weight_decay)
+                shrink = 1.0 - lr * weight_decay
+                params = params.mul_(shrink) if donated else params * shrink
             else:
                 grad = torch.mul(params, weight_decay).add_(grad)  # grad + λθ
-        exp_avg = torch.lerp(exp_avg, grad, 1.0 - self.beta1)
-        exp_avg_sq = torch.mul(exp_avg_sq, self.beta2).add_(torch.mul(grad, grad).mul_(1.0 - self.beta2))
+        exp_avg = exp_avg.lerp_(grad, 1.0 - self.beta1) if donated else torch.lerp(exp_avg, grad, 1.0 - self.beta1)
+        squares = torch.mul(grad, grad).mul_(1.0 - self.beta2)
+        exp_avg_sq = (exp_avg_sq.mul_(self.beta2) if donated else torch.mul(exp_avg_sq, self.beta2)).add_(squares)
         work = torch.add(exp_avg_sq, self.eps_root * bias2) if self.eps_root else exp_avg_sq.clone()
         work.sqrt_().div_(math.sqrt(bias2)).add_(self.eps)  # the denominator
         torch.div(exp_avg, work, out=work).mul_(lr / bias1)
-        return torch.sub(params, work, out=work), (exp_avg, exp_avg_sq)
+        return (params.sub_(work) if donated else torch.sub(params, work, out=work)), (exp_avg, exp_avg_sq)
 
     def update_vjp(
         self,

@@ -774,7 +774,7 @@ def _passes(run, objective, values, wrt, plan, checkpoints, saved, s0, state_byt
     # kinds at an exact identity (all-one weights): steps without a graph skip them, same bits
     neutral = run.neutral_kinds(values)
 
-    def advance(state: TrainState, keep_work: bool) -> tuple[TrainState, Tensor]:
+    def advance(state: TrainState, keep_work: bool, donate: bool) -> tuple[TrainState, Tensor]:
         nonlocal fused, fused_checked, used_vjp
         t = state.step
         if keep_work and fused and t >= first_step:
@@ -797,7 +797,7 @@ def _passes(run, objective, values, wrt, plan, checkpoints, saved, s0, state_byt
             graphs[t] = graph
             note_live()
             return new, graph.losses
-        result = run.take_step(state, values, neutral)
+        result = run.take_step(state, values, neutral, donate)
         if keep_work and mixed and t >= first_step:
             cached_grads[t] = result.grad
         return result.state, result.losses
@@ -807,9 +807,12 @@ def _passes(run, objective, values, wrt, plan, checkpoints, saved, s0, state_byt
     ) -> TrainState:
         keep = set(store)
         state = start
+        # A state this loop made and did not store is seen by nothing after the next step, which
+        # may overwrite it (unless a trace keeps every state).
+        donate = trace is None or not trace.keep_states
         with restored_rng(device):  # nothing of the user's runs between these steps
             while state.step < stop:
-                state, losses = advance(state, leaf)
+                state, losses = advance(state, leaf, donate and state is not start and state.step not in keep)
                 t = state.step
                 fp, lf = _fingerprint(state), _bits(losses)
                 if phase == "forward":

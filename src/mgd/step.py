@@ -669,28 +669,36 @@ class TrainingRun:
         )
         return self.sum_over_ranks(grad), buffers.detach(), losses
 
-    def update(self, state: TrainState, grad: Tensor, inputs: StepInputs, new_buffers: Tensor) -> TrainState:
-        """Clip ``g_t`` and apply the optimizer: ``s_{t+1}`` (no graph)."""
+    def update(
+        self, state: TrainState, grad: Tensor, inputs: StepInputs, new_buffers: Tensor, donate: bool = False
+    ) -> TrainState:
+        """Clip ``g_t`` and apply the optimizer: ``s_{t+1}`` (no graph). ``donate``: the caller
+        gives up ``state``, whose tensors then receive ``s_{t+1}`` if the optimizer can write
+        in place (``update_in_place``; the same bits)."""
         with torch.no_grad():
             if self.clip_norm is not None:
                 grad = clip_by_global_norm(grad, self.clip_norm)
-            new_params, new_opt = self.optimizer.update(
+            in_place = _in_place_form(self.optimizer) if donate else None
+            new_params, new_opt = (in_place or self.optimizer.update)(
                 grad, state.params, state.opt_state, step=state.step, lr=inputs.lr.detach(),
                 weight_decay=_detached(inputs.weight_decay),
             )
         return TrainState(new_params, tuple(new_opt), new_buffers.detach(), state.step + 1)
 
-    def take_step(self, state: TrainState, meta: Mapping[str, Tensor], skip: frozenset[str] = frozenset()) -> StepResult:
+    def take_step(
+        self, state: TrainState, meta: Mapping[str, Tensor], skip: frozenset[str] = frozenset(), donate: bool = False
+    ) -> StepResult:
         """:meth:`step`, also returning the gradient and the per-example losses it used.
 
-        ``skip``: kinds left out, a subset of :meth:`neutral_kinds` (the same bits, less work)."""
+        ``skip``: kinds left out, a subset of :meth:`neutral_kinds` (the same bits, less work).
+        ``donate``: ``state`` is given up and may be overwritten by the new state (:meth:`update`)."""
         t = state.step
         if t >= self.steps:
             raise IndexError(f"step {t} is past the end of training (T={self.steps})")
         with torch.no_grad():
             inputs = self.step_inputs(t, self.local_meta(meta, t, skip))
         grad, new_buffers, losses = self.gradient(state, inputs)
-        return StepResult(self.update(state, grad, inputs, new_buffers), grad, losses)
+        return StepResult(self.update(state, grad, inputs, new_buffers, donate), grad, losses)
 
     def step(self, state: TrainState, meta: Mapping[str, Tensor]) -> TrainState:
         """``s_{t+1} = h_t(s_t, z)``: one training step, no graph kept, inputs untouched."""
@@ -746,16 +754,17 @@ class TrainingRun:
             UserError: the training loss became NaN or infinite (the message names the step).
         """
         meta = self.check_meta(meta or {})
-        state = self.init_state() if state is None else state
+        start = state = self.init_state() if state is None else state
         until = self.steps if until is None else until
         sums = []
         skip = self.neutral_kinds(meta)
-        # one save and restore of torch's generators for the whole loop, unless a callback
-        # (the user's code) runs between the steps
-        rng = restored_rng(self.device) if callback is None else nullcontext()
-        with math_attention(), rng:
+        # Without a callback (the user's code, which may keep states) nothing sees the states
+        # between steps: torch's generators are saved and restored once for the whole loop, and
+        # every state this loop made is overwritten by the next, as torch.optim does.
+        quiet = callback is None
+        with math_attention(), restored_rng(self.device) if quiet else nullcontext():
             while state.step < until:
-                result = self.take_step(state, meta, skip)
+                result = self.take_step(state, meta, skip, donate=quiet and state is not start)
                 sums.append(result.losses.sum())
                 state = result.state
                 if callback is not None:
@@ -836,6 +845,15 @@ class TrainingRun:
         if self.clip_norm is not None:
             g_bar = clip_vjp(grad, g_bar, self.clip_norm)
         return g_bar, theta_bar, moments_bar, local_bar
+
+
+def _in_place_form(optimizer: Any) -> Callable | None:
+    """``optimizer.update_in_place`` if the class that defines its ``update`` defines it too, else
+    ``None``: a subclass or wrapper with its own ``update`` must never be bypassed."""
+    for klass in type(optimizer).__mro__:
+        if "update" in vars(klass):
+            return optimizer.update_in_place if "update_in_place" in vars(klass) else None
+    return None
 
 
 _NO_DOUBLE_BACKWARD = (
