@@ -20,6 +20,8 @@ is what resuming is for; after a machine crash, start a new run. Given the direc
 the pass continues from the last record: the forward pass from its last checkpoint, the
 reverse pass after its last finished segment, with the same arithmetic in the same order, so
 the result equals an uninterrupted pass bit for bit.
+
+:class:`ResumableRun` is the run directory around such a pass (``mgd grad --out``/``--resume``).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from torch import Tensor
 
 from mgd.errors import UserError
 from mgd.io import atomic_write_bytes, load_npz, write_json
+from mgd.runs import RunDirectory
 
 __all__ = ["PassProgress", "remove_pass", "REVERSE_EVERY_S"]
 
@@ -162,3 +165,49 @@ def remove_pass(directory: str | os.PathLike) -> None:
     if checkpoints is not None:
         shutil.rmtree(checkpoints, ignore_errors=True)
     shutil.rmtree(directory, ignore_errors=True)
+
+
+class ResumableRun:
+    """A run directory ``OUT`` whose metagradient pass saves its progress in ``OUT/pass``
+    (``mgd grad --out OUT``, continued with ``--resume OUT``).
+
+    :meth:`open` starts or resumes it; ``finished`` says a resumed run had already written its
+    result. :meth:`discard_unstarted` removes what a pass refused before training left behind,
+    :meth:`complete` the progress once the outputs are written.
+    """
+
+    def __init__(self, out: Path, *, created: bool, finished: bool):
+        self.out, self.created, self.finished = out, created, finished
+
+    @classmethod
+    def open(cls, out: str | os.PathLike, *, command: str, config: dict, resume: bool) -> "ResumableRun":
+        """Resume ``out`` (the command and config must match), or start a run there. A new run
+        may replace an earlier run's outputs but never an unfinished pass."""
+        out = Path(out)
+        if resume:
+            RunDirectory.resume(out, command=command, config=config)
+            finished = not (out / "pass").is_dir() and (out / "result.json").is_file()
+            return cls(out, created=False, finished=finished)
+        if (out / "pass").is_dir():
+            raise UserError(f"{out} holds an unfinished pass; continue it with --resume {out}, or choose another --out")
+        created = not out.exists()
+        RunDirectory.create(out, command=command, config=config, overwrite=True)
+        return cls(out, created=created, finished=False)
+
+    @property
+    def state_dir(self) -> str:
+        return str(self.out / "pass")
+
+    def discard_unstarted(self) -> None:
+        """If the pass was refused before training began (a bad plan, a bad directory), remove
+        what this run created: nothing is left behind."""
+        if Path(self.state_dir, "forward.npz").is_file():
+            return  # it got somewhere: keep it for --resume
+        remove_pass(self.state_dir)
+        (self.out / "run.json").unlink(missing_ok=True)
+        if self.created and not any(self.out.iterdir()):
+            self.out.rmdir()
+
+    def complete(self) -> None:
+        """The outputs are written: the pass's progress is no longer needed."""
+        remove_pass(self.state_dir)

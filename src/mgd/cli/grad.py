@@ -25,8 +25,7 @@ from mgd.config import CLI_METAPARAMS
 from mgd.errors import UserError
 from mgd.io import write_json, write_npz
 from mgd.replay import MODES, metagradient
-from mgd.resumable import remove_pass
-from mgd.runs import RunDirectory
+from mgd.resumable import ResumableRun
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -59,37 +58,25 @@ def run(args: argparse.Namespace) -> int:
     configure_torch(args)
     subject = subject_from_args(args, command="mgd grad")
     wrt = meta_names(args, subject.run)
-    out, state_dir, created = Path(args.resume or args.out), None, False
+    out, saved = Path(args.resume or args.out), None
     if subject.collective.world_size == 1:  # one process: the pass saves its progress in OUT/pass
         config = {"subject": subject.record, "meta": wrt, "mode": args.mode, "replay_k": args.replay_k,
                   "vjp": args.vjp, "memory_budget": args.memory_budget, "host_budget": args.host_budget,
                   "disk_budget": args.disk_budget, "threads": args.threads, "meta_files": meta_files(args)}
-        if args.resume:
-            RunDirectory.resume(out, command="grad", config=config)
-            if not (out / "pass").is_dir() and (out / "result.json").is_file():
-                if not args.quiet:
-                    print(f"{out} is finished: nothing to resume ({out}/result.json)")
-                return 0
-        else:
-            if (out / "pass").is_dir():
-                raise UserError(f"{out} holds an unfinished pass; continue it with --resume {out}, or choose "
-                                "another --out")
-            created = not out.exists()
-            RunDirectory.create(out, command="grad", config=config, overwrite=True)
-        state_dir = str(out / "pass")
+        saved = ResumableRun.open(out, command="grad", config=config, resume=bool(args.resume))
+        if saved.finished:
+            if not args.quiet:
+                print(f"{out} is finished: nothing to resume ({out}/result.json)")
+            return 0
     try:
-        return _compute(args, subject, wrt, out, state_dir)
+        return _compute(args, subject, wrt, out, saved)
     except UserError:
-        if state_dir is not None and not args.resume and not Path(state_dir, "forward.npz").is_file():
-            # refused before training began (a bad plan, a bad directory): leave nothing behind
-            remove_pass(state_dir)
-            (out / "run.json").unlink(missing_ok=True)
-            if created and not any(out.iterdir()):
-                out.rmdir()
+        if saved is not None and not args.resume:
+            saved.discard_unstarted()
         raise
 
 
-def _compute(args: argparse.Namespace, subject, wrt: list[str], out: Path, state_dir: str | None) -> int:
+def _compute(args: argparse.Namespace, subject, wrt: list[str], out: Path, saved: ResumableRun | None) -> int:
     collective = subject.collective
     steps = subject.run.steps
     # Under torchrun every rank computes; only rank 0 shows progress and writes outputs.
@@ -100,7 +87,8 @@ def _compute(args: argparse.Namespace, subject, wrt: list[str], out: Path, state
                 subject.run, subject.objective, subject.meta, wrt=wrt, mode=args.mode,
                 k=args.replay_k, memory_budget=args.memory_budget, host_budget=args.host_budget,
                 disk_budget=args.disk_budget, checkpoint_dir=args.checkpoint_dir,
-                keep_checkpoints=args.keep_checkpoints, state_dir=state_dir, vjp=args.vjp, progress=progress,
+                keep_checkpoints=args.keep_checkpoints, state_dir=None if saved is None else saved.state_dir,
+                vjp=args.vjp, progress=progress,
             )
         seconds = time.perf_counter() - started
     grads = {name: g.detach().cpu().double().numpy() for name, g in result.grads.items()}
@@ -122,8 +110,8 @@ def _compute(args: argparse.Namespace, subject, wrt: list[str], out: Path, state
         return 0
     write_npz(out / "metagrad.npz", grads)
     write_json(out / "result.json", summary)
-    if state_dir is not None:  # the result is saved: the pass's progress is no longer needed
-        remove_pass(state_dir)
+    if saved is not None:
+        saved.complete()
     if not args.quiet:
         print(describe(summary, grads))
         print(f"wrote {out}/result.json and {out}/metagrad.npz")
