@@ -22,7 +22,7 @@ In one process, on the same hardware, one torch thread by default:
    then its metagradient (forward with DCP checkpoints on disk, ``save_mode="sqrt"``, query
    gradient, ``Trainer.backward``); time, peak extra RSS, checkpoint bytes on disk;
 3. the two float32 data-weight metagradients' relative difference;
-4. exactness at ``--check-steps`` (default 2) in float64: ``peer_bergson.full_unroll_reference``
+4. exactness at ``--check-steps`` (default 1; ``--check-only`` runs only this) in float64: ``peer_bergson.full_unroll_reference``
    (plain autograd through the unrolled run, its own hand-written AdamW) against ``mgd``'s
    metagradient and bergson's, both in float64.
 
@@ -86,8 +86,10 @@ def main(argv=None) -> int:
     parser.add_argument("--memory-budget", type=parse_memory_size, default=None)
     parser.add_argument("--host-budget", type=parse_memory_size, default=None)
     parser.add_argument("--disk-budget", type=parse_memory_size, default=None)
+    parser.add_argument("--vjp", choices=mgd.replay.VJP_MODES, default="fused", help="mgd's per-step VJP (default: %(default)s, the engine's)")
     parser.add_argument("--workdir", default=None, help="bergson's and mgd's checkpoint folder (default: temporary)")
-    parser.add_argument("--check-steps", type=int, default=2, help="float64 exactness horizon (0: skip)")
+    parser.add_argument("--check-steps", type=int, default=1, help="float64 exactness horizon (0: skip)")
+    parser.add_argument("--check-only", action="store_true", help="only the float64 exactness check")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=None, help="write the numbers as JSON here")
     args = parser.parse_args(argv)
@@ -95,17 +97,20 @@ def main(argv=None) -> int:
     shape = {"layers": args.layers, "heads": args.heads, "width": args.width}
     tiers = {"memory_budget": args.memory_budget, "host_budget": args.host_budget, "disk_budget": args.disk_budget}
 
+    if args.check_only:
+        return check(args, shape, {})
     run, objective = mgd_run(args.steps, shape)
     report = {"problem": "peer_bergson.make_problem(0, T, shape)", "shape": shape, "params": run.num_params,
               "state_bytes": run.init_state().nbytes(), "steps": args.steps, "batch_size": pb.BATCH_SIZE,
               "threads": args.threads, "machine": platform.processor() or platform.machine(),
-              "torch": torch.__version__, "bergson": pb._version("bergson"), "mgd_budgets": tiers}
+              "torch": torch.__version__, "bergson": pb._version("bergson"), "mgd_budgets": tiers,
+              "mgd_vjp": args.vjp}
     print(f"GPT-2 {args.layers}x{args.width} untied: {run.num_params / 1e6:.1f}M parameters, AdamW state "
           f"{format_bytes(report['state_bytes'])}, T = {args.steps}, batch {pb.BATCH_SIZE} x {pb.SEQ_LEN}", flush=True)
 
     with tempfile.TemporaryDirectory(dir=args.workdir) as where:
         def metagradient(run, objective):
-            return mgd.metagradient(run, objective, checkpoint_dir=where, **tiers)
+            return mgd.metagradient(run, objective, checkpoint_dir=where, vjp=args.vjp, **tiers)
 
         warm_run, warm_objective = mgd_run(2, shape)
         warm_run.run()
@@ -126,11 +131,11 @@ def main(argv=None) -> int:
             "timings": result.timings, "plan": {"k": plan.k, "depth": plan.depth,
                                                 "extra_passes": plan.extra_passes},
             "planned_tier_bytes": result.memory.get("planned_tier_bytes"),
-            "metaparams": sorted(result.grads)}
+            "metaparams": sorted(result.grads), "vjp": result.vjp}
     report["mgd"] = ours
     print(f"mgd: training {train_s:.1f} s, metagradient {grad_s:.1f} s = {ours['ratio']:.2f}x, peak extra RSS "
           f"{format_bytes(memory.extra_bytes or 0)} (training {format_bytes(train_rss or 0)}); plan k = {plan.k}, "
-          f"depth {plan.depth}, {plan.extra_passes:.2f} extra passes", flush=True)
+          f"depth {plan.depth}, {plan.extra_passes:.2f} extra passes, VJP {result.vjp}", flush=True)
     ours_w = result.grads["data_weights"].numpy()
     del run, objective, result
 
@@ -148,20 +153,29 @@ def main(argv=None) -> int:
           f"bergson {theirs['ratio_vs_torch_train']:.2f}x; float32 data-weight metagradients differ by "
           f"{report['w_rel_diff_float32']:.2e} (relative)", flush=True)
 
-    if args.check_steps:
-        reference = pb.full_unroll_reference(optimizer=OPTIMIZER, steps=args.check_steps, dtype=torch.float64,
-                                             shape=shape)["data_weight_grad"]
-        run64, objective64 = mgd_run(args.check_steps, shape, torch.float64)
-        ours64 = mgd.metagradient(run64, objective64).grads["data_weights"].numpy()
-        del run64, objective64
-        theirs64 = bergson(steps=args.check_steps, shape=shape, threads=args.threads, workdir=args.workdir,
-                           dtype=torch.float64, warmup_steps=0, torch_baseline=False)["data_weight_grad"]
-        report["check"] = {"steps": args.check_steps, "mgd_rel_err_float64": pb.relative_error(ours64, reference),
-                           "bergson_rel_err_float64": pb.relative_error(theirs64, reference)}
-        print(f"float64 at T = {args.check_steps} against the full unroll: mgd {report['check']['mgd_rel_err_float64']:.1e}, "
-              f"bergson {report['check']['bergson_rel_err_float64']:.1e}", flush=True)
-    if args.out is not None:
-        atomic_write_bytes(args.out, (json.dumps(report, indent=2, default=float) + "\n").encode())
+    write(args.out, report)  # before the check, which needs the most memory
+    return check(args, shape, report) if args.check_steps else 0
+
+
+def write(path: Path | None, report: dict) -> None:
+    if path is not None:
+        atomic_write_bytes(path, (json.dumps(report, indent=2, default=float) + "\n").encode())
+
+
+def check(args, shape: dict[str, int], report: dict) -> int:
+    """Exactness at ``--check-steps`` in float64: mgd and bergson against the full unroll."""
+    reference = pb.full_unroll_reference(optimizer=OPTIMIZER, steps=args.check_steps, dtype=torch.float64,
+                                         shape=shape)["data_weight_grad"]
+    run64, objective64 = mgd_run(args.check_steps, shape, torch.float64)
+    ours64 = mgd.metagradient(run64, objective64).grads["data_weights"].numpy()
+    del run64, objective64
+    theirs64 = bergson(steps=args.check_steps, shape=shape, threads=args.threads, workdir=args.workdir,
+                       dtype=torch.float64, warmup_steps=0, torch_baseline=False)["data_weight_grad"]
+    report["check"] = {"steps": args.check_steps, "mgd_rel_err_float64": pb.relative_error(ours64, reference),
+                       "bergson_rel_err_float64": pb.relative_error(theirs64, reference)}
+    print(f"float64 at T = {args.check_steps} against the full unroll: mgd {report['check']['mgd_rel_err_float64']:.1e}, "
+          f"bergson {report['check']['bergson_rel_err_float64']:.1e}", flush=True)
+    write(args.out, report)
     return 0
 
 
