@@ -93,6 +93,17 @@ def test_bad_k_and_mode_are_user_errors(digits):
         mgd.metagradient(trainer, objective, wrt=["momentum"])
 
 
+@pytest.mark.parametrize("mode", ["replay", "unrolled"])
+def test_a_one_step_run_has_an_exact_metagradient(digits, mode):
+    """Regression: T = 1 asked the replay tree for k = 1 and was refused."""
+    trainer, objective = tiny_problem(digits, mgd.Adam(), steps=1, lr=0.01)
+    got = mgd.metagradient(trainer, objective, mode=mode)
+    value, want = full_unroll_metagradient(trainer, objective)
+    assert got.value == pytest.approx(value, rel=1e-14)
+    for name in want:
+        assert relative_error(got.grads[name], want[name]) < 1e-12
+
+
 # ------------------------------------------------------------------------------- engine
 
 

@@ -281,7 +281,8 @@ class ReplayPlan:
         if root is not None:
             return cls._build(steps, max(2, len(root) - 1), fused, tuple(root))
         k = default_k(steps) if k is None else int(k)
-        return cls._build(steps, min(k, max(steps, 2)), fused and k < steps, None)
+        # k >= T stores every state (T = 1 included); a smaller k below 2 is refused by schedule()
+        return cls._build(steps, max(steps, 2) if k >= steps else k, fused and k < steps, None)
 
     @classmethod
     @functools.lru_cache(maxsize=64)
