@@ -831,8 +831,8 @@ def _passes(run, objective, values, wrt, plan, checkpoints, saved, s0, state_byt
                         else:
                             trace.replayed_states.setdefault(t, []).append(state.detached())
                 if t in keep:
-                    # Steps are out-of-place, so the state object is never written again and
-                    # can be stored without a copy.
+                    # A stored state is never donated to the next step, so it is never written
+                    # again and can be stored without a copy.
                     checkpoints[t] = state
                     note_live()
                     if phase == "forward":
