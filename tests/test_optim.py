@@ -143,3 +143,27 @@ def test_update_without_a_graph_gives_the_graphs_bits_in_fresh_or_donated_tensor
                 donated = opt.update_in_place(grad, *given, step=3, lr=lr, weight_decay=weight_decay)
             for a, b, into in zip((donated[0], *donated[1]), (fast[0], *fast[1]), (given[0], *given[1])):
                 assert torch.equal(a, b) and a.data_ptr() == into.data_ptr()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("opt", [o for o in IN_PLACE_CASES if isinstance(o, mgd.Adam)], ids=lambda o: repr(o))
+def test_adam_update_vjp_without_a_graph_gives_the_graphs_bits(opt, dtype):
+    """With no graph to record, Adam's closed-form VJP reuses a few buffers; the result must be
+    the recorded expression's bit for bit, and its inputs must be left as they were."""
+    gen = torch.Generator().manual_seed(1)
+    n = 400
+    grad, params, params_bar = (torch.randn(n, generator=gen, dtype=dtype) for _ in range(3))
+    state = (torch.randn(n, generator=gen, dtype=dtype), torch.rand(n, generator=gen, dtype=dtype))
+    state_bar = (torch.randn(n, generator=gen, dtype=dtype), torch.randn(n, generator=gen, dtype=dtype))
+    inputs = [t.clone() for t in (grad, params, params_bar, *state, *state_bar)]
+    for lr in (0.1, torch.tensor(0.1, dtype=dtype)):
+        for weight_decay in (0.0, 0.01, torch.tensor(0.01, dtype=dtype)):
+            kwargs = dict(step=3, lr=lr, weight_decay=weight_decay)
+            fast = opt.update_vjp(grad, params, state, params_bar, state_bar, **kwargs)
+            with torch.enable_grad():
+                graph = opt.update_vjp(grad, params.clone().requires_grad_(True), state, params_bar, state_bar,
+                                       **kwargs)
+            for a, b in zip((fast.grad, fast.params, *fast.state, fast.lr, fast.weight_decay),
+                            (graph.grad, graph.params, *graph.state, graph.lr, graph.weight_decay)):
+                assert torch.equal(a, b.detach())
+            assert all(torch.equal(a, b) for a, b in zip((grad, params, params_bar, *state, *state_bar), inputs))
