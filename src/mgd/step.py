@@ -594,10 +594,14 @@ class TrainingRun:
         return tensor if self.collective.world_size == 1 else self.collective.all_reduce_sum(tensor)
 
     # ----------------------------------------------------------------------------- the loss
+    def _chunk_size(self, n: int) -> int:
+        """Examples per micro-batch of a step with ``n`` examples on this rank."""
+        return n if self.micro_batch is None else min(self.micro_batch, n)
+
     def chunks(self, inputs: StepInputs) -> list[tuple[int, int]]:
         """``[start, stop)`` positions of the micro-batches of this rank's examples."""
         n = len(inputs.index)
-        size = n if self.micro_batch is None else min(self.micro_batch, n)
+        size = self._chunk_size(n)
         return [(a, min(a + size, n)) for a in range(0, n, size)]
 
     def chunk_losses(
@@ -612,8 +616,8 @@ class TrainingRun:
         whole = (a, b) == (0, len(inputs.index))
         batch = inputs.batch if whole else tree_map(lambda t: t[a:b], inputs.batch)
         args, kwargs = self.inputs_of(batch)
-        size = len(inputs.index) if self.micro_batch is None else min(self.micro_batch, len(inputs.index))
-        calls = step * -(-len(inputs.index) // size) + chunk  # calls before: steps times chunks per step
+        n = len(inputs.index)
+        calls = step * -(-n // self._chunk_size(n)) + chunk  # calls before: steps times chunks per step
         seed = step_seed(self.seed, step, self.collective.rank, MODEL_STREAM, chunk)
         with math_attention(), seeded_rng(seed, self.device):
             out, new_buffers = self.stateless.train_call(params, buffers, args, kwargs, calls)
