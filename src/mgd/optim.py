@@ -256,10 +256,7 @@ class Adam:
         weight_decay: Scalar = 0.0,
     ) -> tuple[Tensor, tuple[Tensor, ...]]:
         exp_avg, exp_avg_sq = state
-        count = step + 1
-        # Python floats (float64) for the bias corrections, whatever the tensor dtype.
-        bias1 = 1.0 - self.beta1**count
-        bias2 = 1.0 - self.beta2**count
+        bias1, bias2 = self._bias_corrections(step)
         if _without_graph(grad, params, *state, lr, weight_decay):
             return self._update_in_place(grad, params, state, lr, weight_decay, bias1, bias2)
         if not _is_zero(weight_decay):
@@ -278,15 +275,19 @@ class Adam:
         denom = root / math.sqrt(bias2) + self.eps
         return params - (lr / bias1) * (exp_avg / denom), (exp_avg, exp_avg_sq)
 
+    def _bias_corrections(self, step: int) -> tuple[float, float]:
+        """``(1 - β₁^(t+1), 1 - β₂^(t+1))`` as Python floats (float64), whatever the tensor dtype."""
+        count = step + 1
+        return 1.0 - self.beta1**count, 1.0 - self.beta2**count
+
     def update_in_place(
         self, grad: Tensor, params: Tensor, state: tuple[Tensor, ...], *, step: int, lr: Scalar,
         weight_decay: Scalar = 0.0,
     ) -> tuple[Tensor, tuple[Tensor, ...]]:
         """:meth:`update` with no graph, writing the new state into ``params`` and ``state``
         (which the caller gives up, as ``torch.optim`` does): the same operations, the same bits."""
-        count = step + 1
-        return self._update_in_place(grad, params, state, lr, weight_decay, 1.0 - self.beta1**count,
-                                     1.0 - self.beta2**count, donated=True)
+        return self._update_in_place(grad, params, state, lr, weight_decay, *self._bias_corrections(step),
+                                     donated=True)
 
     def _update_in_place(self, grad, params, state, lr, weight_decay, bias1, bias2, donated=False):
         """:meth:`update`'s expressions, term for term, with in-place temporaries (about half
@@ -333,9 +334,7 @@ class Adam:
         """
         lr, weight_decay = _value(lr), _value(weight_decay)
         exp_avg, exp_avg_sq = state
-        count = step + 1
-        bias1 = 1.0 - self.beta1**count
-        bias2 = 1.0 - self.beta2**count
+        bias1, bias2 = self._bias_corrections(step)
         decay = not _is_zero(weight_decay)
         if _without_graph(grad, params, *state, params_bar, *state_bar, lr, weight_decay):
             return self._update_vjp_in_place(grad, params, state, params_bar, state_bar, lr, weight_decay,
