@@ -40,7 +40,7 @@ from mgd.errors import UserError
 from mgd.io import atomic_write_bytes, load_npz, write_json
 from mgd.runs import RunDirectory
 
-__all__ = ["PassProgress", "remove_pass", "REVERSE_EVERY_S"]
+__all__ = ["PassProgress", "ResumableRun", "remove_pass", "REVERSE_EVERY_S"]
 
 #: Seconds between two records of the reverse pass's progress (after the first).
 REVERSE_EVERY_S = 10.0
