@@ -36,8 +36,6 @@ same ``torch.optim`` loop. Run alone (the machine has 2 cores)::
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import platform
 import sys
@@ -65,12 +63,6 @@ def mgd_run(steps: int, shape: dict[str, int], dtype: torch.dtype = torch.float3
     """``(run, objective)``: the problem as an ``mgd`` run, its model cast to ``dtype``."""
     problem = pb.make_problem(0, steps, pb.BATCH_SIZE, **shape)
     return bench_runs.lm_run(problem.model.to(dtype), problem, OPTIMIZER, steps)
-
-
-def bergson(**kwargs):
-    """``peer_bergson.run_bergson`` with bergson's progress bars (stderr) swallowed."""
-    with contextlib.redirect_stderr(io.StringIO()):
-        return pb.run_bergson(optimizer=OPTIMIZER, **kwargs)
 
 
 def mb(n: int | None) -> float | None:
@@ -139,7 +131,8 @@ def main(argv=None) -> int:
     ours_w = result.grads["data_weights"].numpy()
     del run, objective, result
 
-    theirs = bergson(steps=args.steps, shape=shape, threads=args.threads, workdir=args.workdir)
+    theirs = bench_runs._bergson(optimizer=OPTIMIZER, steps=args.steps, shape=shape, threads=args.threads,
+                                 workdir=args.workdir)
     their_w = theirs.pop("data_weight_grad")
     report["bergson"] = theirs
     report["torch_train_s"] = theirs["torch_train_s"]
@@ -169,8 +162,9 @@ def check(args, shape: dict[str, int], report: dict) -> int:
     run64, objective64 = mgd_run(args.check_steps, shape, torch.float64)
     ours64 = mgd.metagradient(run64, objective64).grads["data_weights"].numpy()
     del run64, objective64
-    theirs64 = bergson(steps=args.check_steps, shape=shape, threads=args.threads, workdir=args.workdir,
-                       dtype=torch.float64, warmup_steps=0, torch_baseline=False)["data_weight_grad"]
+    theirs64 = bench_runs._bergson(optimizer=OPTIMIZER, steps=args.check_steps, shape=shape, threads=args.threads,
+                                   workdir=args.workdir, dtype=torch.float64, warmup_steps=0,
+                                   torch_baseline=False)["data_weight_grad"]
     report["check"] = {"steps": args.check_steps, "mgd_rel_err_float64": pb.relative_error(ours64, reference),
                        "bergson_rel_err_float64": pb.relative_error(theirs64, reference)}
     print(f"float64 at T = {args.check_steps} against the full unroll: mgd {report['check']['mgd_rel_err_float64']:.1e}, "

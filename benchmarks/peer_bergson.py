@@ -209,7 +209,7 @@ def make_tokens(seed: int = 0) -> tuple[Tensor, Tensor]:
 
 
 def make_batches(seed: int = 0, steps: int = 1000, batch_size: int = BATCH_SIZE) -> list[Tensor]:
-    """Per-step training-row indices: consecutive ``randperm(256)`` epochs, 16 rows a step."""
+    """Per-step training-row indices: consecutive ``randperm(256)`` epochs, ``batch_size`` rows a step."""
     h = torch.Generator().manual_seed(seed + 2)
     per_epoch = N_TRAIN // batch_size
     epochs = -(-steps // per_epoch)
